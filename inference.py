@@ -1,0 +1,1114 @@
+#!/usr/bin/env python3
+"""Higgs Audio V2 text-to-speech on Ascend NPU, CUDA or CPU.
+
+    python3 inference.py --text "Hello there." --seed 1
+    python3 inference.py --selftest            # proves the stack works, no download needed
+
+The engine (load -> prompt -> prefill -> decode frame by frame -> revert delay
+pattern -> decode codes -> WAV) lives in this file; eval_audio.py and the tests
+import it from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+DEFAULT_TEXT = (
+    "In the quiet of the morning, birds begin to sing as the first rays of sunlight "
+    "paint the sky in shades of orange and pink."
+)
+DEFAULT_SCENE = "Audio is recorded from a quiet room."
+SYSTEM_MESSAGE = "Generate audio following instruction."
+SAMPLE_RATE = 24000
+MIN_FRAMES = 9  # the delay pattern eats 8 frames: fewer leave nothing to decode
+SILENCE_RMS = 1e-4  # about -80 dBFS
+MAX_UNITS_PER_SECOND = 7.0  # words (or CJK characters) per second, over twice a normal pace
+FINISHED_CHECK_EVERY = 16  # frames between host reads of "all rows finished"
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, no traceback."""
+
+
+# --------------------------------------------------------------------------- device / dtype
+
+
+def npu_available() -> bool:
+    try:
+        import torch_npu  # noqa: F401  (registers the "npu" device with torch)
+    except ImportError:
+        return False
+    import torch
+
+    return bool(torch.npu.is_available())
+
+
+def pick_device(requested: str | None = None):
+    import torch
+
+    if requested in (None, "", "auto"):
+        if npu_available():
+            return torch.device("npu:0")
+        if torch.cuda.is_available():
+            return torch.device("cuda:0")
+        return torch.device("cpu")
+    if requested.startswith("npu"):
+        if not npu_available():
+            raise UserError(
+                f"--device {requested}: torch_npu is not installed or sees no NPU "
+                "(install torch + torch_npu matching your CANN, and source set_env.sh)"
+            )
+    elif requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {requested}: torch sees no CUDA GPU")
+    elif requested != "cpu":
+        raise UserError(f"--device {requested}: expected auto, cpu, cuda[:N] or npu[:N]")
+    device = torch.device(requested)
+    return torch.device(device.type, 0) if device.type != "cpu" and device.index is None else device
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def pick_dtype(requested: str | None, device, num_params: int):
+    """auto: bf16 on accelerators; on CPU fp32 if it fits in free memory, else bf16."""
+    import torch
+
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if requested not in (None, "", "auto"):
+        if requested not in names:
+            raise UserError(f"--dtype {requested}: expected auto, float32, bfloat16 or float16")
+        return names[requested], "requested"
+    if device.type != "cpu":
+        return torch.bfloat16, "auto: accelerator"
+    need = num_params * 4 * 1.2
+    if need < available_memory_bytes():
+        return torch.float32, "auto: CPU, fp32 fits in free memory"
+    return torch.bfloat16, "auto: CPU, fp32 would not fit in free memory"
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+
+
+def peak_memory_bytes(device) -> int | None:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if device.type == "npu":
+        return torch.npu.max_memory_allocated(device)
+    return None
+
+
+# --------------------------------------------------------------------------- checkpoint checks
+
+
+def convert_hint(path: Path, kind: str) -> str:
+    return f"python3 convert_weights.py --kind {kind} --src {path} --dst {path}-native"
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read as JSON: {e}") from None
+
+
+def check_model_dir(path: str | os.PathLike) -> dict:
+    """Validate a generation-model folder before the expensive load; return its config."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"model folder {path} does not exist (run: bash download.sh, or pass --model_path)")
+    config = read_json(path / "config.json")
+    if config.get("model_type") == "higgs_audio":
+        raise UserError(
+            f"{path} holds Boson's original checkpoint layout (model_type higgs_audio); convert it first: "
+            + convert_hint(path, "model")
+        )
+    if config.get("model_type") != "higgs_audio_v2":
+        raise UserError(f"{path}/config.json: model_type {config.get('model_type')!r}, expected 'higgs_audio_v2'")
+    index_path = path / "model.safetensors.index.json"
+    if index_path.exists():
+        index = read_json(index_path)
+        shards = sorted(set(index.get("weight_map", {}).values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise UserError(
+                f"{path} is incomplete: missing {', '.join(missing)} (re-run: bash download.sh)"
+            )
+    elif not (path / "model.safetensors").is_file():
+        raise UserError(f"{path} has no model.safetensors(.index.json) (re-run: bash download.sh)")
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        if not (path / name).is_file():
+            raise UserError(f"{path} has no {name} (re-run: bash download.sh)")
+    return config
+
+
+def check_tokenizer_dir(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(
+            f"audio tokenizer folder {path} does not exist (run: bash download.sh, or pass --tokenizer_path)"
+        )
+    if (path / "model.pth").is_file() and not (path / "model.safetensors").is_file():
+        raise UserError(
+            f"{path} holds Boson's original audio tokenizer (model.pth); convert it first: "
+            + convert_hint(path, "tokenizer")
+        )
+    config = read_json(path / "config.json")
+    if config.get("model_type") != "higgs_audio_v2_tokenizer":
+        raise UserError(
+            f"{path}/config.json: model_type {config.get('model_type')!r}, expected 'higgs_audio_v2_tokenizer'"
+        )
+    if not (path / "model.safetensors").is_file():
+        raise UserError(f"{path} has no model.safetensors (re-run: bash download.sh)")
+    return config
+
+
+def count_checkpoint_params(path: Path, config: dict) -> int:
+    """Parameter count from the index metadata, without reading the weights."""
+    index_path = path / "model.safetensors.index.json"
+    bytes_per = {"bfloat16": 2, "float16": 2, "float32": 4}.get(config.get("dtype") or config.get("torch_dtype"), 2)
+    if index_path.exists():
+        total = read_json(index_path).get("metadata", {}).get("total_size")
+        if total:
+            return int(total) // bytes_per
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) // bytes_per
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 2048
+    temperature: float = 0.3
+    top_k: int = 50
+    top_p: float = 0.95
+    ras_win_len: int = 7
+    ras_win_max_num_repeat: int = 2
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0 or math.isinf(self.temperature):
+            raise UserError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"--top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.ras_win_len < 0 or self.ras_win_max_num_repeat < 0:
+            raise UserError("--ras_win_len and --ras_max_repeat must be >= 0 (0 disables)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def ras(self) -> bool:
+        return self.ras_win_len > 0 and self.ras_win_max_num_repeat > 0
+
+
+def filter_logits(logits, params: SamplingParams):
+    """temperature -> top-k -> top-p per codebook, as transformers' warpers do; logits [..., V] float32."""
+    import torch
+
+    scores = logits / params.temperature
+    vocab = scores.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if params.top_p < 1.0:
+        sorted_scores, sorted_idx = torch.sort(scores, dim=-1, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - params.top_p)
+        remove_sorted[..., -1] = False  # keep at least the best token
+        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+        scores = scores.masked_fill(remove, -math.inf)
+    return scores
+
+
+def race_sample(scores, noise):
+    """Exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from softmax(scores).
+
+    The noise comes from a seeded CPU generator, so one seed gives the same choice
+    whatever the device, and the step itself holds no random op (graph capture).
+    """
+    probs = scores.softmax(dim=-1)
+    return (probs / noise).argmax(dim=-1)
+
+
+@dataclass
+class DecodeState:
+    """Per-row state of Boson's delay / EOS rules, all tensors on the device."""
+
+    num_delay: object  # [B] codebooks released so far (codebook c > num_delay stays BOS)
+    remaining: object  # [B] frames until the last codebook closes; -1 = no EOS seen yet
+    finished: object  # [B] bool
+    n_frames: object  # [B] frames kept (frame 0 included), fixed when a row finishes
+    window: object  # [B, W, C] last RAS window of audio frames (-1 = empty)
+
+
+def sample_frame(logits, state: DecodeState, params: SamplingParams, noise, ras_noise, cfg):
+    """One frame of Boson's `_sample_audio_tokens`, batched, as tensor ops (no host sync).
+
+    logits [B, C, V] float32 -> codes [B, C]. Order as the original: sample, RAS
+    resample, release one more codebook from BOS, then EOS closing.
+    """
+    import torch
+
+    bos, eos, num_cb = cfg.audio_stream_bos_id, cfg.audio_stream_eos_id, cfg.num_codebooks
+    if params.greedy:
+        codes = logits.argmax(dim=-1)
+    else:
+        codes = race_sample(filter_logits(logits, params), noise)
+    if params.ras:
+        repeats = (state.window == codes[:, None, :]).sum(dim=1)
+        resampled = race_sample(logits, ras_noise)  # raw logits: no temperature, as the original
+        codes = torch.where(repeats >= params.ras_win_max_num_repeat, resampled, codes)
+
+    cb = torch.arange(num_cb, device=codes.device)[None, :]
+    codes = torch.where(cb > state.num_delay[:, None], bos, codes)
+    num_delay = (state.num_delay + 1).clamp(max=num_cb - 1)
+
+    closing = state.remaining >= 0
+    codes = torch.where(closing[:, None] & (cb < (num_cb - state.remaining)[:, None]), eos, codes)
+    remaining = torch.where(closing, state.remaining - 1, state.remaining)
+    is_eos = codes == eos
+    first_eos = is_eos.int().argmax(dim=-1)
+    opening = ~closing & is_eos.any(dim=-1)
+    codes = torch.where(opening[:, None] & (cb < first_eos[:, None]), eos, codes)
+    remaining = torch.where(opening, num_cb - first_eos - 1, remaining)
+    done_now = (closing | opening) & (remaining <= 0)
+
+    new_state = DecodeState(
+        num_delay=num_delay,
+        remaining=torch.where(done_now, -1, remaining),
+        finished=state.finished | done_now,
+        n_frames=state.n_frames,
+        window=state.window,
+    )
+    return codes, new_state, done_now
+
+
+def revert_delay_pattern(codes):
+    """[T, C] delay-pattern codes (frame 0 = all BOS) -> [T - C, C] aligned codes.
+
+    Codebook c of audio frame t sits at row t + c + 1.
+    """
+    num_cb = codes.shape[1]
+    n = codes.shape[0] - num_cb
+    if n <= 0:
+        return codes[:0]
+    import torch
+
+    return torch.stack([codes[c + 1 : c + 1 + n, c] for c in range(num_cb)], dim=1)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+@dataclass
+class Prompt:
+    input_ids: object  # [T] long
+    audio_input_ids: object = None  # [Ta, C] long, delay pattern applied, or None
+    text: str = ""
+
+
+@dataclass
+class Generation:
+    codes: object  # [n_frames, C] long, delay pattern, frame 0 all BOS
+    finished: bool  # closed by EOS (False: hit max_new_tokens)
+    seed: int
+
+
+class Engine:
+    def __init__(self, model, processor, audio_tokenizer, device, dtype, dtype_reason="", load_seconds=0.0):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.audio_tokenizer = audio_tokenizer
+        self.config = model.config
+        self.device = device
+        self.dtype = dtype
+        self.dtype_reason = dtype_reason
+        self.load_seconds = load_seconds
+        self.chat_template = processor.chat_template
+
+    # ---------------- sizes for the report
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def decode_bytes_per_frame(self) -> int:
+        """Weights one audio decode step reads: all but the text MLPs and text embeddings."""
+        total = 0
+        for name, p in self.model.named_parameters():
+            if ".mlp." in name or "post_attention_layernorm" in name and "audio" not in name:
+                continue
+            if name.endswith("embed_tokens.weight"):
+                continue
+            if "embed_audio_tokens" in name:
+                total += p.element_size() * p.shape[1] * self.config.num_codebooks
+                continue
+            total += p.numel() * p.element_size()
+        return total
+
+    # ---------------- prompt
+    def messages(self, text: str, scene: str | None, ref_text: str | None = None, with_ref: bool = False):
+        messages = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_MESSAGE}]}]
+        if scene:
+            messages.append({"role": "scene", "content": [{"type": "text", "text": scene}]})
+        if with_ref:
+            messages.append({"role": "user", "content": [{"type": "text", "text": ref_text or ""}]})
+            messages.append({"role": "assistant", "content": [{"type": "audio", "path": "reference"}]})
+        messages.append({"role": "user", "content": [{"type": "text", "text": text}]})
+        return messages
+
+    def build_prompt(self, text: str, scene: str | None = DEFAULT_SCENE, ref_codes=None, ref_text=None) -> Prompt:
+        """Render the chat template; `ref_codes` [C, T] puts a reference voice in the assistant turn."""
+        import torch
+
+        rendered = self.tokenizer.apply_chat_template(
+            self.messages(text, scene, ref_text, with_ref=ref_codes is not None),
+            chat_template=self.chat_template, tokenize=False, add_generation_prompt=True,
+        )
+        audio_input_ids = None
+        if ref_codes is not None:
+            with_markers = torch.cat(
+                [
+                    ref_codes.new_full((ref_codes.shape[0], 1), self.config.audio_stream_bos_id),
+                    ref_codes,
+                    ref_codes.new_full((ref_codes.shape[0], 1), self.config.audio_stream_eos_id),
+                ],
+                dim=1,
+            )
+            delayed = self.processor.build_delay_pattern(with_markers[None])[0].T  # [Ta, C]
+            rendered = rendered.replace(
+                self.processor.audio_token, self.processor.get_audio_tokens(delayed.shape[0]), 1
+            )
+            audio_input_ids = delayed.cpu()
+        ids = self.tokenizer(rendered, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        return Prompt(input_ids=ids, audio_input_ids=audio_input_ids, text=text)
+
+    # ---------------- reference audio
+    def encode_audio(self, waveform):
+        """24 kHz mono float waveform -> codes [C, T], as Boson's tokenizer encodes them.
+
+        The native `encode` pads hop/2 = 480 samples per side when the acoustic path
+        comes out one frame short; Boson re-encodes with 320, so we do the same.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        tok = self.audio_tokenizer
+        x = torch.as_tensor(waveform, dtype=torch.float32, device=self.device).reshape(1, 1, -1)
+        with torch.no_grad():
+            semantic = tok.encoder_semantic(tok._extract_semantic_features(x).transpose(1, 2))
+            acoustic = tok.acoustic_encoder(x)
+            if acoustic.shape[2] != semantic.shape[2]:
+                acoustic = tok.acoustic_encoder(F.pad(x, (320, 320)))
+            embeddings = torch.cat([acoustic, semantic], dim=1)
+            embeddings = tok.fc(embeddings.transpose(1, 2)).transpose(1, 2)
+            codes = tok.quantizer.encode(embeddings, tok.config.target_bandwidths[-1])
+        return codes[:, 0].long()  # [C, T]
+
+    def decode_audio(self, aligned_codes):
+        """[T, C] codes (< 1024) -> float32 numpy waveform at 24 kHz."""
+        import torch
+
+        codes = aligned_codes.clamp(0, self.config.audio_stream_bos_id - 1).T[None].to(self.device)
+        with torch.no_grad():
+            audio = self.audio_tokenizer.decode(codes).audio_values
+        return audio.reshape(-1).float().cpu().numpy()
+
+    # ---------------- model steps
+    def _batch_inputs(self, prompts: list[Prompt]):
+        """Left-pad the prompts; returns input_ids, mask, position_ids, audio ids/mask."""
+        import torch
+
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        lengths = [len(p.input_ids) for p in prompts]
+        width = max(lengths)
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            input_ids[i, width - lengths[i]:] = p.input_ids
+            mask[i, width - lengths[i]:] = 1
+        audio, audio_mask = None, None
+        if any(p.audio_input_ids is not None for p in prompts):
+            if any(p.audio_input_ids is None for p in prompts):
+                raise ValueError("all prompts of a batch must carry reference audio, or none")
+            frames = max(p.audio_input_ids.shape[0] for p in prompts)
+            audio = torch.full((len(prompts), frames, self.config.num_codebooks),
+                               self.config.audio_stream_eos_id, dtype=torch.long)
+            audio_mask = torch.zeros((len(prompts), frames), dtype=torch.bool)
+            for i, p in enumerate(prompts):
+                audio[i, : p.audio_input_ids.shape[0]] = p.audio_input_ids
+                audio_mask[i, : p.audio_input_ids.shape[0]] = True
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return input_ids, mask, position_ids, audio, audio_mask
+
+    def prompt_logits(self, prompt: Prompt):
+        """Teacher-forced logits of the prompt, [T, C, V] float32 (for parity checks)."""
+        import torch
+
+        input_ids, mask, position_ids, audio, audio_mask = self._batch_inputs([prompt])
+        with torch.no_grad():
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=position_ids.to(self.device),
+                audio_input_ids=None if audio is None else audio.to(self.device),
+                audio_input_ids_mask=None if audio_mask is None else audio_mask.to(self.device),
+                use_cache=False,
+            )
+        return out.logits[0].float().reshape(-1, self.config.num_codebooks, self.config.codebook_size)
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams, seeds: list[int],
+                 progress: bool = False, forced_frames: int | None = None):
+        """Prefill, then decode frame by frame with Boson's sampling rules.
+
+        Returns (list[Generation], timings dict). `forced_frames` runs exactly that many
+        frames whatever EOS says (benchmarks).
+        """
+        import torch
+        from transformers import StaticCache
+
+        params.validate()
+        cfg = self.config
+        num_cb, vocab = cfg.num_codebooks, cfg.codebook_size
+        batch = len(prompts)
+        device = self.device
+        max_frames = forced_frames or params.max_new_tokens
+        input_ids, mask, position_ids, audio, audio_mask = self._batch_inputs(prompts)
+        prompt_len = input_ids.shape[1]
+        cache_len = prompt_len + max_frames
+        cache = StaticCache(config=cfg, max_cache_len=cache_len)
+        full_mask = torch.ones((batch, cache_len), dtype=torch.long)
+        full_mask[:, :prompt_len] = mask
+        full_mask = full_mask.to(device)
+        next_pos = position_ids[:, -1:].to(device) + 1
+
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        window = torch.full((batch, max(params.ras_win_len, 1), num_cb), -1, dtype=torch.long)
+        if audio is not None and params.ras:
+            # the original's RAS window also sees the reference audio frames before frame 0
+            for i, p in enumerate(prompts):
+                tail = p.audio_input_ids[-params.ras_win_len:]
+                window[i, window.shape[1] - tail.shape[0]:] = tail
+        state = DecodeState(
+            num_delay=torch.zeros(batch, dtype=torch.long, device=device),
+            remaining=torch.full((batch,), -1, dtype=torch.long, device=device),
+            finished=torch.zeros(batch, dtype=torch.bool, device=device),
+            n_frames=torch.full((batch,), max_frames, dtype=torch.long, device=device),
+            window=window.to(device),
+        )
+        out_codes = torch.empty((batch, max_frames, num_cb), dtype=torch.long, device=device)
+        frame = torch.full((batch, num_cb), cfg.audio_stream_bos_id, dtype=torch.long, device=device)
+        out_codes[:, 0] = frame  # frame 0: all BOS, the prefill logits are not sampled (as the original)
+
+        timings = {}
+        synchronize(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self.model(
+                input_ids=input_ids.to(device),
+                attention_mask=full_mask[:, :prompt_len],
+                position_ids=position_ids.to(device),
+                audio_input_ids=None if audio is None else audio.to(device),
+                audio_input_ids_mask=None if audio_mask is None else audio_mask.to(device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        synchronize(device)
+        timings["prefill_s"] = time.perf_counter() - t0
+
+        bar = None
+        if progress and max_frames > 1:
+            from tqdm import tqdm
+
+            bar = tqdm(total=max_frames, initial=1, unit="frame", desc="decode", file=sys.stderr, leave=False)
+        steps = 0
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            for t in range(1, max_frames):
+                state.window = torch.cat([state.window[:, 1:], frame[:, None]], dim=1)
+                noise, ras_noise = (_placed_noise(n, device) for n in self._noise(generators, params, num_cb, vocab))
+                out = self.model(
+                    audio_input_ids=frame[:, None, :],
+                    attention_mask=full_mask[:, : prompt_len + t],
+                    position_ids=next_pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                logits = out.logits[:, -1].float().reshape(batch, num_cb, vocab)
+                codes, new_state, done_now = sample_frame(logits, state, params, noise, ras_noise, cfg)
+                # rows that finished earlier stop changing: they keep emitting EOS
+                codes = torch.where(state.finished[:, None], cfg.audio_stream_eos_id, codes)
+                new_state.n_frames = torch.where(done_now & ~state.finished, t + 1, state.n_frames)
+                new_state.finished = state.finished | done_now
+                state = new_state
+                out_codes[:, t] = codes
+                frame = codes
+                next_pos = next_pos + 1
+                steps += 1
+                if bar is not None:
+                    bar.update(1)
+                if forced_frames is None and t % FINISHED_CHECK_EVERY == 0 and bool(state.finished.all()):
+                    break
+        synchronize(device)
+        if bar is not None:
+            bar.close()
+        timings["decode_s"] = time.perf_counter() - t1
+        timings["decode_steps"] = steps
+
+        n_frames = state.n_frames.cpu().tolist()
+        finished = state.finished.cpu().tolist()
+        codes_cpu = out_codes.cpu()
+        kept = [steps + 1 if forced_frames else min(n_frames[i], steps + 1) for i in range(batch)]
+        results = [
+            Generation(codes=codes_cpu[i, : kept[i]], finished=bool(finished[i]), seed=int(seeds[i]))
+            for i in range(batch)
+        ]
+        return results, timings
+
+    @staticmethod
+    def _noise(generators, params: SamplingParams, num_cb: int, vocab: int):
+        import torch
+
+        if params.greedy and not params.ras:
+            return None, None
+        noise = torch.stack([torch.empty(num_cb, vocab).exponential_(generator=g) for g in generators])
+        ras_noise = torch.stack([torch.empty(num_cb, vocab).exponential_(generator=g) for g in generators])
+        return noise, ras_noise
+
+
+def _placed_noise(noise, device):
+    return None if noise is None else noise.to(device, non_blocking=True)
+
+
+def load_engine(model_path, tokenizer_path, device=None, dtype=None, log=None) -> Engine:
+    """The one loader: CLI, selftest, eval, convert_weights' smoke check and tests all use it."""
+    log = log or (lambda msg: None)
+    model_path, tokenizer_path = Path(model_path), Path(tokenizer_path)
+    config = check_model_dir(model_path)
+    check_tokenizer_dir(tokenizer_path)
+    device = pick_device(device) if not hasattr(device, "type") else device
+    num_params = count_checkpoint_params(model_path, config)
+    torch_dtype, reason = pick_dtype(dtype, device, num_params)
+    log(f"Device: {device}  dtype: {str(torch_dtype).replace('torch.', '')} ({reason})")
+
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        DacFeatureExtractor,
+        HiggsAudioV2ForConditionalGeneration,
+        HiggsAudioV2Processor,
+        HiggsAudioV2TokenizerModel,
+    )
+    from transformers.utils import logging as hf_logging
+
+    t0 = time.perf_counter()
+    hf_logging.set_verbosity_error()
+    try:
+        log(f"Loading generation model from {model_path} ...")
+        # device_map streams shards straight onto the accelerator (no full host copy)
+        model = HiggsAudioV2ForConditionalGeneration.from_pretrained(
+            model_path, dtype=torch_dtype, device_map=None if device.type == "cpu" else str(device)
+        ).eval()
+        log(f"Loading audio tokenizer from {tokenizer_path} ...")
+        audio_tokenizer = HiggsAudioV2TokenizerModel.from_pretrained(tokenizer_path, dtype=torch.float32)
+        audio_tokenizer = audio_tokenizer.to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot load the checkpoint: {str(e).splitlines()[0]} (re-run: bash download.sh)") from None
+    finally:
+        hf_logging.set_verbosity_warning()
+    if audio_tokenizer.config.num_quantizers != model.config.num_codebooks:
+        raise UserError(
+            f"{tokenizer_path} has {audio_tokenizer.config.num_quantizers} quantizers but the model expects "
+            f"{model.config.num_codebooks} codebooks"
+        )
+    # Assemble the processor from both folders: a saved processor records the audio
+    # tokenizer's path, which breaks as soon as a folder moves.
+    if (tokenizer_path / "preprocessor_config.json").is_file():
+        feature_extractor = DacFeatureExtractor.from_pretrained(tokenizer_path)
+    else:
+        feature_extractor = DacFeatureExtractor(feature_size=1, hop_length=1, sampling_rate=SAMPLE_RATE)
+    processor_config = {}
+    if (model_path / "processor_config.json").is_file():
+        processor_config = read_json(model_path / "processor_config.json")
+    token_args = {k: processor_config[k] for k in (
+        "audio_token", "audio_bos_token", "audio_eos_token", "audio_delay_token",
+        "audio_stream_bos_id", "audio_stream_eos_id") if k in processor_config}
+    processor = HiggsAudioV2Processor(
+        feature_extractor, tokenizer, audio_tokenizer,
+        chat_template=(model_path / "chat_template.jinja").read_text(), **token_args,
+    )
+    return Engine(model, processor, audio_tokenizer, device, torch_dtype, reason, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- attempts / retry
+
+
+def speech_units(text: str) -> int:
+    """Words of space-separated scripts plus CJK characters."""
+    cjk = len(re.findall(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]", text))
+    words = len(re.findall(r"[^\s\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+", text))
+    return cjk + words
+
+
+def min_expected_seconds(text: str) -> float:
+    return speech_units(text) / MAX_UNITS_PER_SECOND
+
+
+def retry_seeds(seed: int, retries: int) -> list[int]:
+    """Attempt k uses seed + k: documented, and different for every attempt."""
+    return [seed + k for k in range(retries + 1)]
+
+
+def audio_stats(audio) -> dict:
+    import numpy as np
+
+    finite = np.isfinite(audio)
+    clean = np.where(finite, audio, 0.0)
+    return {
+        "samples": int(audio.size),
+        "duration_s": round(audio.size / SAMPLE_RATE, 3),
+        "rms": float(np.sqrt(np.mean(clean.astype(np.float64) ** 2))) if audio.size else 0.0,
+        "peak": float(np.max(np.abs(clean))) if audio.size else 0.0,
+        "non_finite": int(audio.size - finite.sum()),
+    }
+
+
+def judge_attempt(text: str, codes, audio) -> str | None:
+    """None if usable, else the reason. The rules are in the README (Retry)."""
+    frames = codes.shape[0]
+    if frames < MIN_FRAMES:
+        return f"too short: {frames} frames (< {MIN_FRAMES})"
+    if audio is None:
+        return "nothing to decode"
+    stats = audio_stats(audio)
+    if stats["non_finite"]:
+        return f"non-finite audio: {stats['non_finite']} samples"
+    need = min_expected_seconds(text)
+    if stats["duration_s"] < need:
+        return f"too short for the text: {stats['duration_s']:.2f} s < {need:.2f} s ({speech_units(text)} words/chars)"
+    if stats["rms"] < SILENCE_RMS:
+        return f"silent: RMS {stats['rms']:.2e}"
+    return None
+
+
+# --------------------------------------------------------------------------- output
+
+
+def write_wav_atomic(path: Path, audio) -> None:
+    """PCM_16 mono 24 kHz, through a temp file and a rename: never a half-written WAV."""
+    import numpy as np
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        sf.write(tmp, np.clip(np.nan_to_num(audio), -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16", format="WAV")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_reference_audio(path: str):
+    """Any soundfile-readable file -> 24 kHz mono float32 numpy."""
+    import numpy as np
+    import soundfile as sf
+
+    try:
+        audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises its own error types
+        raise UserError(f"--ref_audio {path}: cannot read audio ({str(e).splitlines()[0]})") from None
+    audio = audio.mean(axis=1)
+    if audio.size == 0:
+        raise UserError(f"--ref_audio {path}: the file holds no samples")
+    if rate != SAMPLE_RATE:
+        import torch
+        import torchaudio
+
+        audio = torchaudio.functional.resample(torch.from_numpy(audio), rate, SAMPLE_RATE).numpy()
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- synthesis
+
+
+@dataclass
+class Attempt:
+    seed: int
+    frames: int
+    finished: bool
+    outcome: str  # "ok" or the reason it was unusable
+    stats: dict = field(default_factory=dict)
+
+
+def synthesize_batch(engine: Engine, texts: list[str], params: SamplingParams, seed: int, retries: int,
+                     scene: str | None, ref_codes=None, ref_text=None, progress=False, log=None):
+    """Texts -> one result dict per text, each retried alone with the next seeds while unusable."""
+    log = log or (lambda msg: None)
+    prompts = [engine.build_prompt(t, scene, ref_codes, ref_text) for t in texts]
+    results = [None] * len(texts)
+    pending = list(range(len(texts)))
+    seeds = retry_seeds(seed, retries)
+    for attempt_no, attempt_seed in enumerate(seeds):
+        if not pending:
+            break
+        gens, timings = engine.generate([prompts[i] for i in pending], params,
+                                        [attempt_seed] * len(pending), progress=progress)
+        still = []
+        for i, gen in zip(pending, gens):
+            t_dec = time.perf_counter()
+            aligned = revert_delay_pattern(gen.codes)
+            audio = engine.decode_audio(aligned) if aligned.shape[0] > 0 else None
+            decode_s = time.perf_counter() - t_dec
+            reason = judge_attempt(texts[i], gen.codes, audio)
+            stats = audio_stats(audio) if audio is not None else {}
+            attempt = Attempt(seed=attempt_seed, frames=int(gen.codes.shape[0]), finished=gen.finished,
+                              outcome=reason or "ok", stats=stats)
+            entry = results[i] or {"attempts": [], "best": None}
+            entry["attempts"].append(asdict(attempt))
+            candidate = {"gen": gen, "audio": audio, "aligned": aligned, "timings": dict(timings, audio_decode_s=decode_s),
+                         "prompt_tokens": int(len(prompts[i].input_ids)), "ok": reason is None}
+            if entry["best"] is None or _better(candidate, entry["best"]):
+                entry["best"] = candidate
+            results[i] = entry
+            if reason is None:
+                log(f"attempt {attempt_no + 1} (seed {attempt_seed}): ok, {gen.codes.shape[0]} frames")
+            else:
+                log(f"attempt {attempt_no + 1} (seed {attempt_seed}) unusable: {reason}")
+                still.append(i)
+        pending = still
+    return results
+
+
+def _better(candidate: dict, best: dict) -> bool:
+    if candidate["ok"] != best["ok"]:
+        return candidate["ok"]
+    length = lambda c: 0 if c["audio"] is None else c["audio"].size  # noqa: E731
+    return length(candidate) > length(best)
+
+
+def report(engine: Engine, text: str, params: SamplingParams, entry: dict, out_path: Path, log) -> dict:
+    best = entry["best"]
+    gen, audio, timings = best["gen"], best["audio"], best["timings"]
+    frames = int(gen.codes.shape[0])
+    steps = max(timings["decode_steps"], 1)
+    decode_s = timings["decode_s"]
+    frames_per_s = steps / decode_s if decode_s > 0 else float("inf")
+    bytes_per_frame = engine.decode_bytes_per_frame()
+    stats = audio_stats(audio) if audio is not None else {"samples": 0, "duration_s": 0.0}
+    gen_s = timings["prefill_s"] + decode_s
+    rtf = gen_s / stats["duration_s"] if stats.get("duration_s") else None
+    valid = int((best["aligned"] < engine.config.audio_stream_bos_id).all(dim=1).sum()) if best["aligned"].numel() else 0
+    log(f"Generated {frames} frames in {gen_s:.2f}s (prefill {timings['prefill_s'] * 1000:.0f} ms, "
+        f"{frames_per_s:.1f} frames/s = tokens/s, {1000 / frames_per_s:.1f} ms/frame)")
+    log(f"Audio codes: {tuple(gen.codes.shape)} -> valid frames after delay revert: {valid}")
+    log(f"Audio shape: ({stats['samples']},)  duration {stats['duration_s']:.2f}s  "
+        f"decode {timings['audio_decode_s']:.2f}s")
+    if rtf is not None:
+        log(f"Real-time factor: {rtf:.3f} (generation s / audio s; < 1 is faster than real time)")
+    log(f"Achieved bandwidth: {bytes_per_frame * frames_per_s / 1e9:.2f} GB/s "
+        f"({bytes_per_frame / 1e6:.1f} MB read per decode step)")
+    peak = peak_memory_bytes(engine.device)
+    if peak is not None:
+        log(f"Peak device memory: {peak / 2**30:.2f} GiB")
+    return {
+        "frames": frames,
+        "finished_by_eos": gen.finished,
+        "valid_frames": valid,
+        "duration_s": stats.get("duration_s", 0.0),
+        "rms": stats.get("rms"),
+        "peak": stats.get("peak"),
+        "timings": {
+            "load_s": round(engine.load_seconds, 3),
+            "prefill_s": round(timings["prefill_s"], 4),
+            "decode_s": round(decode_s, 4),
+            "audio_decode_s": round(timings["audio_decode_s"], 4),
+            "frames_per_s": round(frames_per_s, 2),
+            "ms_per_frame": round(1000 / frames_per_s, 3),
+            "real_time_factor": None if rtf is None else round(rtf, 4),
+            "bandwidth_gb_s": round(bytes_per_frame * frames_per_s / 1e9, 3),
+            "peak_device_memory_bytes": peak,
+        },
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Higgs Audio V2 text-to-speech on Ascend NPU, CUDA or CPU.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--text", default=DEFAULT_TEXT, help="text to speak (English, Chinese or mixed)")
+    p.add_argument("--text_file", default=None,
+                   help="UTF-8 file, one text per line: one WAV per line, output_{line}_{seed}.wav")
+    p.add_argument("--batch_size", type=int, default=1, help="lines of --text_file generated together")
+    p.add_argument("--max_new_tokens", type=int, default=2048, help="audio frames to generate at most (25 = 1 s)")
+    p.add_argument("--temperature", type=float, default=0.3, help="sampling temperature; 0 means greedy")
+    p.add_argument("--top_k", type=int, default=50, help="keep the k most likely codes per codebook (0 = off)")
+    p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass per codebook, in (0, 1]")
+    p.add_argument("--seed", type=int, default=1, help="random seed; retries use seed+1, seed+2, ...")
+    p.add_argument("--retries", type=int, default=3, help="extra attempts with the next seeds when unusable")
+    p.add_argument("--ras_win_len", type=int, default=7, help="repetition-aware sampling window (0 disables)")
+    p.add_argument("--ras_max_repeat", type=int, default=2,
+                   help="repeats within the window that trigger a resample (0 disables)")
+    p.add_argument("--scene", default=DEFAULT_SCENE, help="scene description ('' for none)")
+    p.add_argument("--ref_audio", default=None, help="reference voice to clone (WAV/FLAC/OGG, any rate)")
+    p.add_argument("--ref_text", default=None, help="transcript of --ref_audio")
+    p.add_argument("--output_dir", default="./output_audio", help="folder for WAV + JSON sidecar")
+    p.add_argument("--output", default=None, help="WAV file name (default output_{seed}.wav)")
+    p.add_argument("--model_path", default="./model_cache", help="generation model folder (transformers-native)")
+    p.add_argument("--tokenizer_path", default="./tokenizer_cache", help="audio tokenizer folder")
+    p.add_argument("--device", default="auto", help="auto (npu:0 > cuda:0 > cpu), cpu, cuda[:N] or npu[:N]")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on accelerators; fp32 on CPU if it fits), float32, bfloat16, float16")
+    p.add_argument("--selftest", action="store_true",
+                   help="build tiny checkpoints in a temp dir and run the whole pipeline (no download)")
+    return p
+
+
+def validate_args(args) -> None:
+    if args.text_file is None:
+        if not args.text or not args.text.strip():
+            raise UserError("--text is empty: give the text to speak")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.retries < 0:
+        raise UserError(f"--retries must be >= 0, got {args.retries}")
+    if args.ref_text is not None and args.ref_audio is None:
+        raise UserError("--ref_text needs --ref_audio")
+    if args.output is not None and (os.sep in args.output or not args.output.endswith(".wav")):
+        raise UserError(f"--output {args.output!r}: give a file name ending in .wav (the folder is --output_dir)")
+    sampling_params(args).validate()
+
+
+def sampling_params(args) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        ras_win_len=args.ras_win_len, ras_win_max_num_repeat=args.ras_max_repeat,
+    )
+
+
+def read_texts(args) -> list[str]:
+    if args.text_file is None:
+        return [args.text]
+    try:
+        raw = Path(args.text_file).read_bytes()
+    except OSError as e:
+        raise UserError(f"--text_file {args.text_file}: {e.strerror}") from None
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--text_file {args.text_file}: not UTF-8 (byte {e.start}); save it as UTF-8") from None
+    texts = [line.strip() for line in content.splitlines()]
+    if not any(texts):
+        raise UserError(f"--text_file {args.text_file} has no non-empty line")
+    return texts
+
+
+def prepare_output_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as e:
+        raise UserError(f"--output_dir {out}: not writable ({e.strerror})") from None
+    return out
+
+
+def cut(text: str, n: int = 80) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def run(args, log) -> int:
+    validate_args(args)
+    texts = read_texts(args)
+    params = sampling_params(args)
+    out_dir = prepare_output_dir(args.output_dir)
+    ref_audio = load_reference_audio(args.ref_audio) if args.ref_audio else None
+
+    engine = load_engine(args.model_path, args.tokenizer_path, args.device, args.dtype, log=log)
+    log(f"Model: {engine.num_params / 1e9:.3f} B parameters, loaded in {engine.load_seconds:.1f}s")
+    ref_codes = engine.encode_audio(ref_audio) if ref_audio is not None else None
+    if ref_codes is not None:
+        log(f"Reference audio: {ref_audio.size / SAMPLE_RATE:.2f}s -> {ref_codes.shape[1]} frames")
+    log(f"Generation: max_new_tokens={params.max_new_tokens} temperature={params.temperature} "
+        f"top_k={params.top_k} top_p={params.top_p} seed={args.seed} "
+        f"ras={params.ras_win_len}/{params.ras_win_max_num_repeat} retries={args.retries}")
+
+    failures = 0
+    jobs = [(i, t) for i, t in enumerate(texts) if t]
+    for start in range(0, len(jobs), args.batch_size):
+        chunk = jobs[start:start + args.batch_size]
+        for _, text in chunk:
+            log(f"Input text: {cut(text)!r}")
+        entries = synthesize_batch(engine, [t for _, t in chunk], params, args.seed, args.retries, args.scene or None,
+                                   ref_codes, args.ref_text, progress=sys.stderr.isatty(), log=log)
+        for (line_no, text), entry in zip(chunk, entries):
+            best = entry["best"]
+            log(f"Input tokens: {best['prompt_tokens']}")
+            if args.text_file is not None:
+                name = f"output_{line_no + 1}_{best['gen'].seed}.wav"
+            else:
+                name = args.output or f"output_{best['gen'].seed}.wav"
+            wav_path = out_dir / name
+            summary = report(engine, text, params, entry, wav_path, log)
+            if best["audio"] is not None:
+                write_wav_atomic(wav_path, best["audio"])
+            sidecar = {
+                "text": text,
+                "wav": str(wav_path) if best["audio"] is not None else None,
+                "sample_rate": SAMPLE_RATE,
+                "seed_requested": args.seed,
+                "seed_used": best["gen"].seed,
+                "usable": best["ok"],
+                "parameters": {
+                    **asdict(params), "scene": args.scene, "retries": args.retries,
+                    "ref_audio": args.ref_audio, "ref_text": args.ref_text, "batch_size": args.batch_size,
+                    "device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
+                    "model_path": str(args.model_path), "tokenizer_path": str(args.tokenizer_path),
+                },
+                "attempts": entry["attempts"],
+                **summary,
+            }
+            write_json_atomic(wav_path.with_suffix(".json"), sidecar)
+            if best["ok"]:
+                log(f"Saved: {wav_path}")
+            else:
+                failures += 1
+                if best["audio"] is not None:
+                    log(f"Saved the best unusable attempt: {wav_path}")
+                print(f"error: every attempt was unusable for {cut(text, 40)!r} "
+                      f"({entry['attempts'][-1]['outcome']}); see {wav_path.with_suffix('.json')}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def selftest(args, log) -> int:
+    """Tiny checkpoints in a temp dir -> the full pipeline on the chosen device -> PASS/FAIL."""
+    import numpy as np
+    import soundfile as sf
+
+    import tiny_checkpoints
+
+    checks = []
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="higgs-selftest-") as tmp:
+        t0 = time.perf_counter()
+        model_dir, tokenizer_dir = tiny_checkpoints.build_tiny_checkpoints(tmp)
+        checks.append(("build tiny checkpoints (3 shards + index, tokenizer, codec)", time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        engine = load_engine(model_dir, tokenizer_dir, args.device, args.dtype, log=log)
+        checks.append((f"load on {engine.device} ({str(engine.dtype).replace('torch.', '')})", time.perf_counter() - t0))
+        text = "Hello from the self test. 你好。"
+        t0 = time.perf_counter()
+        prompt = engine.build_prompt(text)
+        checks.append((f"chat prompt: {len(prompt.input_ids)} tokens", time.perf_counter() - t0))
+        params = SamplingParams(max_new_tokens=60, temperature=args.temperature or 0.3)
+        t0 = time.perf_counter()
+        gens, timings = engine.generate([prompt], params, [args.seed], forced_frames=60)
+        codes = gens[0].codes
+        if codes.shape != (60, engine.config.num_codebooks) or not bool((codes[0] == 1024).all()):
+            raise AssertionError(f"unexpected codes: shape {tuple(codes.shape)}")
+        fps = timings["decode_steps"] / timings["decode_s"]
+        checks.append((f"prefill + 60 frames ({fps:.1f} frames/s)", time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        aligned = revert_delay_pattern(codes)
+        audio = engine.decode_audio(aligned)
+        stats = audio_stats(audio)
+        if stats["non_finite"] or stats["samples"] != aligned.shape[0] * 960:
+            raise AssertionError(f"bad audio: {stats}")
+        checks.append((f"decode {aligned.shape[0]} frames -> {stats['samples']} samples", time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        wav = Path(tmp) / "selftest.wav"
+        write_wav_atomic(wav, audio)
+        info = sf.info(str(wav))
+        if (info.samplerate, info.channels, info.subtype) != (SAMPLE_RATE, 1, "PCM_16"):
+            raise AssertionError(f"bad WAV: {info}")
+        back, _ = sf.read(str(wav), dtype="float32")
+        if not np.allclose(back, np.clip(audio, -1, 1), atol=1 / 16384):
+            raise AssertionError("WAV does not read back")
+        checks.append(("WAV 24 kHz mono PCM_16 written and read back", time.perf_counter() - t0))
+    for name, seconds in checks:
+        print(f"  ok  {name:<62} {seconds * 1000:8.0f} ms")
+    print(f"PASS: selftest on {engine.device} in {time.perf_counter() - t_all:.1f}s")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    try:
+        if args.selftest:
+            try:
+                return selftest(args, log)
+            except AssertionError as e:
+                print(f"FAIL: selftest: {e}", file=sys.stderr)
+                return 1
+        return run(args, log)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); no partial output was left", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
