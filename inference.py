@@ -361,6 +361,7 @@ class Engine:
         self.dtype_reason = dtype_reason
         self.load_seconds = load_seconds
         self.chat_template = processor.chat_template
+        self.graph = "auto"  # decode step capture: auto (on for cuda/npu) | on | off
 
     # ---------------- sizes for the report
     @property
@@ -616,7 +617,7 @@ def _placed_noise(noise, device):
     return None if noise is None else noise.to(device, non_blocking=True)
 
 
-def load_engine(model_path, tokenizer_path, device=None, dtype=None, log=None) -> Engine:
+def load_engine(model_path, tokenizer_path, device=None, dtype=None, log=None, graph="auto") -> Engine:
     """The one loader: CLI, selftest, eval, convert_weights' smoke check and tests all use it."""
     log = log or (lambda msg: None)
     model_path, tokenizer_path = Path(model_path), Path(tokenizer_path)
@@ -674,7 +675,9 @@ def load_engine(model_path, tokenizer_path, device=None, dtype=None, log=None) -
         feature_extractor, tokenizer, audio_tokenizer,
         chat_template=(model_path / "chat_template.jinja").read_text(), **token_args,
     )
-    return Engine(model, processor, audio_tokenizer, device, torch_dtype, reason, time.perf_counter() - t0)
+    engine = Engine(model, processor, audio_tokenizer, device, torch_dtype, reason, time.perf_counter() - t0)
+    engine.graph = graph
+    return engine
 
 
 # --------------------------------------------------------------------------- attempts / retry

@@ -98,7 +98,7 @@ def _text_model_config(tokenizer, **sizes):
 
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
     return HiggsAudioV2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), sizes.get("vocab_size", 0)),
         hidden_size=sizes.get("hidden_size", 64),
         intermediate_size=sizes.get("intermediate_size", 128),
         num_hidden_layers=sizes.get("num_hidden_layers", 2),
