@@ -30,7 +30,7 @@ DEFAULT_TEXT = (
 DEFAULT_SCENE = "Audio is recorded from a quiet room."
 SYSTEM_MESSAGE = "Generate audio following instruction."
 SAMPLE_RATE = 24000
-MIN_FRAMES = 9  # the delay pattern eats 8 frames: fewer leave nothing to decode
+MIN_FRAMES = 10  # BOS frame + 7 delay frames + closing column eat 9: fewer leave nothing to decode
 SILENCE_RMS = 1e-4  # about -80 dBFS
 MAX_UNITS_PER_SECOND = 7.0  # words (or CJK characters) per second, over twice a normal pace
 FINISHED_CHECK_EVERY = 16  # frames between host reads of "all rows finished"
@@ -319,16 +319,15 @@ def sample_frame(logits, state: DecodeState, params: SamplingParams, noise, ras_
 
 
 def revert_delay_pattern(codes):
-    """[T, C] delay-pattern codes (frame 0 = all BOS) -> [T - C, C] aligned codes.
+    """[T, C] generated delay-pattern codes (frame 0 all BOS) -> [T - C - 1, C] aligned codes.
 
-    Codebook c of audio frame t sits at row t + c + 1.
+    Codebook c of audio frame t sits at row t + c + 1. Like Boson's serve engine, the
+    last aligned column (the closing EOS column, or an unfinished one) is dropped.
     """
-    num_cb = codes.shape[1]
-    n = codes.shape[0] - num_cb
-    if n <= 0:
-        return codes[:0]
     import torch
 
+    num_cb = codes.shape[1]
+    n = max(codes.shape[0] - num_cb - 1, 0)
     return torch.stack([codes[c + 1 : c + 1 + n, c] for c in range(num_cb)], dim=1)
 
 

@@ -69,7 +69,7 @@ _CORPUS = [
 
 def build_text_tokenizer(out_dir: Path, vocab_size: int = 1200):
     """Train a byte-level BPE on the corpus and save it as a fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -82,6 +82,12 @@ def build_text_tokenizer(out_dir: Path, vocab_size: int = 1200):
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
+    # Llama-3 prepends <|begin_of_text|> on encode; the chat template already has it,
+    # so a loader that encodes with special tokens would double it (the test catches that).
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|begin_of_text|>",

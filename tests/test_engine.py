@@ -1,0 +1,184 @@
+"""The decode loop: Boson's delay / EOS / RAS rules, determinism, batches, stock parity."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import inference
+from inference import DecodeState, SamplingParams, revert_delay_pattern, sample_frame
+
+CFG = SimpleNamespace(audio_stream_bos_id=1024, audio_stream_eos_id=1025, num_codebooks=8)
+GREEDY = SamplingParams(temperature=0, ras_win_len=0)
+V = 1026
+
+
+def fresh_state(batch=1, window=1):
+    return DecodeState(
+        num_delay=torch.zeros(batch, dtype=torch.long),
+        remaining=torch.full((batch,), -1, dtype=torch.long),
+        finished=torch.zeros(batch, dtype=torch.bool),
+        n_frames=torch.zeros(batch, dtype=torch.long),
+        window=torch.full((batch, window, 8), -1, dtype=torch.long),
+    )
+
+
+def logits_for(codes):
+    """Logits whose argmax per codebook is `codes` ([C] list)."""
+    logits = torch.zeros(1, 8, V)
+    for c, code in enumerate(codes):
+        logits[0, c, code] = 10.0
+    return logits
+
+
+def run_frames(planned):
+    """Feed one planned argmax frame per step; return emitted frames and the frame where it finished."""
+    state, out, done_at = fresh_state(), [], None
+    for t, codes in enumerate(planned, start=1):
+        frame, state, done = sample_frame(logits_for(codes), state, GREEDY, None, None, CFG)
+        out.append(frame[0].tolist())
+        if bool(done[0]):
+            done_at = t
+            break
+    return out, done_at
+
+
+def test_codebooks_leave_bos_one_per_frame():
+    out, _ = run_frames([[5] * 8] * 9)
+    for t, frame in enumerate(out, start=1):
+        assert frame == [5] * min(t, 8) + [1024] * (8 - min(t, 8)), t
+
+
+def test_eos_in_codebook_zero_closes_one_codebook_per_frame():
+    planned = [[5] * 8] * 10 + [[1025] + [7] * 7] + [[9] * 8] * 10
+    out, done_at = run_frames(planned)
+    f = 10  # 0-based index of the EOS frame in `out`
+    assert out[f] == [1025] + [7] * 7
+    for k in range(1, 8):  # the original: next[: 8 - remaining] = EOS, remaining counts down from 7
+        assert out[f + k] == [1025] * k + [9] * (8 - k), k
+    assert done_at == f + 8  # 8 - 0 - 1 = 7 more frames
+
+
+def test_eos_in_later_codebook_forces_lower_codebooks():
+    planned = [[5] * 8] * 10 + [[6, 6, 6, 1025, 6, 6, 6, 6]] + [[9] * 8] * 10
+    out, done_at = run_frames(planned)
+    f = 10
+    assert out[f] == [1025] * 4 + [6] * 4  # codebooks < 3 forced to EOS in that frame
+    for k in range(1, 5):  # the original forces next[: 8 - remaining], remaining = 4, 3, 2, 1
+        assert out[f + k] == [1025] * (3 + k) + [9] * (5 - k), k
+    assert done_at == f + 1 + 4  # 8 - 3 - 1 = 4 more frames, then done: no extra all-EOS frame
+
+
+def test_eos_in_last_codebook_finishes_at_once():
+    out, done_at = run_frames([[5] * 8] * 10 + [[6] * 7 + [1025]])
+    assert out[-1] == [1025] * 8 and done_at == 11
+
+
+def test_eos_sampled_while_codebook_still_delayed_is_ignored():
+    # frame 1: only codebook 0 is released; EOS in codebook 4 is overwritten by BOS
+    out, done_at = run_frames([[5, 5, 5, 5, 1025, 5, 5, 5]] + [[5] * 8] * 3)
+    assert out[0] == [5] + [1024] * 7 and done_at is None
+
+
+def test_ras_resamples_repeated_codes_even_when_greedy():
+    window = torch.tensor([[[3] * 8, [3] * 8, [4] * 8]])  # code 3 seen twice in every codebook
+    state = fresh_state(window=3)
+    state.window = window
+    state.num_delay = torch.full((1,), 7)
+    logits = torch.zeros(1, 8, V)
+    logits[0, :, 3] = 5.0
+    logits[0, :, 11] = 4.0
+    params = SamplingParams(temperature=0, ras_win_len=3, ras_win_max_num_repeat=2)
+    ras_noise = torch.ones(1, 8, V)
+    ras_noise[0, :, 3] = 1e6  # makes 3 lose the race: the resample picks the next most likely code
+    frame, _, _ = sample_frame(logits, state, params, None, ras_noise, CFG)
+    assert frame[0].tolist() == [11] * 8
+    params_off = SamplingParams(temperature=0, ras_win_len=0)
+    frame, _, _ = sample_frame(logits, state, params_off, None, None, CFG)
+    assert frame[0].tolist() == [3] * 8
+
+
+def test_top_k_top_p_filter_like_transformers():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(8, V) * 3
+    params = SamplingParams(temperature=0.7, top_k=50, top_p=0.8)
+    ours = inference.filter_logits(logits, params)
+    theirs = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(50)(None, TemperatureLogitsWarper(0.7)(None, logits)))
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    assert torch.allclose(ours[~torch.isinf(ours)], theirs[~torch.isinf(theirs)])
+
+
+def test_race_sampling_follows_the_distribution():
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    noise = torch.empty(20000, 3).exponential_(generator=gen)
+    picks = inference.race_sample(probs.log().expand(20000, 3), noise)
+    freq = torch.bincount(picks, minlength=3).float() / 20000
+    assert torch.allclose(freq, probs, atol=0.02)
+
+
+def test_revert_delay_pattern_inverts_build_delay_pattern(tiny_engine):
+    codes = torch.randint(0, 1024, (1, 8, 12))
+    with_eos = torch.cat([codes, torch.full((1, 8, 1), 1025)], dim=2)  # the closing EOS column
+    delayed = tiny_engine.processor.build_delay_pattern(with_eos)[0].T  # [13 + 7, 8]
+    generated = torch.cat([torch.full((1, 8), 1024), delayed])  # frame 0: all BOS
+    assert torch.equal(revert_delay_pattern(generated), codes[0].T)  # BOS and EOS columns dropped, as Boson
+
+
+def test_same_seed_same_codes_other_seed_different(tiny_engine):
+    prompt = tiny_engine.build_prompt("Determinism check.")
+    params = SamplingParams(max_new_tokens=40)
+    a = tiny_engine.generate([prompt], params, [3])[0][0].codes
+    b = tiny_engine.generate([prompt], params, [3])[0][0].codes
+    c = tiny_engine.generate([prompt], params, [4])[0][0].codes
+    assert torch.equal(a, b)
+    assert not torch.equal(a[: min(len(a), len(c))], c[: min(len(a), len(c))])
+    greedy = SamplingParams(max_new_tokens=40, temperature=0)
+    g1 = tiny_engine.generate([prompt], greedy, [1])[0][0].codes
+    assert torch.equal(g1, tiny_engine.generate([prompt], greedy, [1])[0][0].codes)  # RAS noise is seeded too
+    no_ras = SamplingParams(max_new_tokens=40, temperature=0, ras_win_len=0)
+    n1 = tiny_engine.generate([prompt], no_ras, [1])[0][0].codes
+    assert torch.equal(n1, tiny_engine.generate([prompt], no_ras, [2])[0][0].codes)  # nothing random left
+
+
+def test_row_result_does_not_depend_on_its_batch(tiny_engine):
+    texts = ["Hello world.", "太阳从东方升起，从西方落下。", "A much longer sentence with many words to pad.", "Hi"]
+    prompts = [tiny_engine.build_prompt(t) for t in texts]
+    assert len({len(p.input_ids) for p in prompts}) > 1  # left padding is exercised
+    params = SamplingParams(max_new_tokens=60, temperature=0)
+    alone = [tiny_engine.generate([p], params, [1])[0][0] for p in prompts]
+    together, _ = tiny_engine.generate(prompts, params, [1] * 4)
+    for a, b in zip(alone, together):
+        assert torch.equal(a.codes, b.codes)
+        assert a.finished == b.finished
+
+
+def test_matches_stock_generate_before_eos(tiny_engine):
+    prompt = tiny_engine.build_prompt("Stock parity.")
+    n = 30
+    stock = tiny_engine.model.generate(
+        input_ids=prompt.input_ids[None], attention_mask=torch.ones(1, len(prompt.input_ids), dtype=torch.long),
+        max_new_tokens=n, do_sample=False,
+    )[0]
+    ours = tiny_engine.generate([prompt], SamplingParams(max_new_tokens=n, temperature=0, ras_win_len=0), [0])[0][0]
+    eos_rows = (ours.codes == 1025).any(dim=1).nonzero()
+    upto = int(eos_rows[0]) if len(eos_rows) else ours.codes.shape[0]
+    assert upto >= 9
+    assert torch.equal(stock[:upto], ours.codes[:upto])
+
+
+def test_forced_frames_runs_the_whole_budget(tiny_engine):
+    prompt = tiny_engine.build_prompt("Benchmarks force the length.")
+    gens, timings = tiny_engine.generate([prompt], SamplingParams(max_new_tokens=8), [1], forced_frames=70)
+    assert gens[0].codes.shape == (70, 8)
+    assert timings["decode_steps"] == 69
+
+
+@pytest.mark.parametrize("bad", [
+    dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(max_new_tokens=0),
+])
+def test_bad_sampling_params(bad):
+    with pytest.raises(inference.UserError):
+        SamplingParams(**bad).validate()
