@@ -1003,10 +1003,11 @@ def run(args, log) -> int:
         for (line_no, text), entry in zip(chunk, entries):
             best = entry["best"]
             log(f"Input tokens: {best['prompt_tokens']}")
+            # named after the requested seed, so scripts can predict it; the sidecar has the one used
             if args.text_file is not None:
-                name = f"output_{line_no + 1}_{best['gen'].seed}.wav"
+                name = f"output_{line_no + 1}_{args.seed}.wav"
             else:
-                name = args.output or f"output_{best['gen'].seed}.wav"
+                name = args.output or f"output_{args.seed}.wav"
             wav_path = out_dir / name
             summary = report(engine, text, params, entry, wav_path, log)
             if best["audio"] is not None:
