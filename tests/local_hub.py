@@ -1,0 +1,252 @@
+"""A tiny Hugging Face Hub on 127.0.0.1 for download tests.
+
+It answers the endpoints that `hf download REPO --revision REV --local-dir DIR`
+(huggingface_hub 2.x, plain HTTP, no Xet) and `HfApi().model_info(...,
+files_metadata=True)` call for a model repo:
+
+    GET  /api/models/{repo}[/revision/{rev}]        repo info (sha, siblings with sizes)
+    GET  /api/models/{repo}/tree/{rev}[/{path}]     file listing (?recursive=...)
+    HEAD /{repo}/resolve/{rev}/{path}               X-Repo-Commit, ETag, Content-Length
+    GET  /{repo}/resolve/{rev}/{path}               the bytes, honouring Range
+
+Repos are folders on disk. Every request is recorded in `hub.requests`. Knobs:
+`hub.cut[path] = n` sends the first n bytes of that file and drops the connection,
+then refuses that file outright (so the client's own retries fail too) until the
+knob is cleared, or with `hub.refuse_after_cut = False` serves the retries; `hub.tokens[repo] = "secret"` makes the repo private.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import socket
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+LFS_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
+
+
+@dataclass
+class Repo:
+    commit: str
+    files: dict[str, bytes]  # path in repo -> content
+
+    def entry(self, path: str) -> dict:
+        data = self.files[path]
+        info = {"size": len(data), "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+        if path.endswith(LFS_SUFFIXES):
+            info["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+        return info
+
+    def etag(self, path: str) -> str:
+        e = self.entry(path)
+        return e["lfs"]["oid"] if "lfs" in e else e["oid"]
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    range: str | None = None
+    status: int = 0
+    sent: int = 0  # body bytes written
+
+
+@dataclass
+class LocalHub:
+    repos: dict[str, dict[str, Repo]] = field(default_factory=dict)  # repo -> {revision name or sha: Repo}
+    tokens: dict[str, str] = field(default_factory=dict)
+    cut: dict[str, int] = field(default_factory=dict)
+    cut_served: set[str] = field(default_factory=set)
+    refuse_after_cut: bool = True
+    requests: list[Request] = field(default_factory=list)
+
+    def add_repo(self, repo_id: str, folder: str | Path, revisions=("main",)) -> Repo:
+        folder = Path(folder)
+        files = {
+            str(p.relative_to(folder)): p.read_bytes()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and ".cache" not in p.relative_to(folder).parts
+        }
+        commit = hashlib.sha1(repo_id.encode() + b"".join(files.values())).hexdigest()
+        repo = Repo(commit, files)
+        refs = self.repos.setdefault(repo_id, {})
+        refs[commit] = repo
+        for rev in revisions:
+            refs[rev] = repo
+        return repo
+
+    def resolve_requests(self, method: str | None = None) -> list[Request]:
+        return [r for r in self.requests if "/resolve/" in r.path and (method is None or r.method == method)]
+
+    # ------------------------------------------------------------------ server
+
+    def start(self) -> "LocalHub":
+        hub = self
+
+        class Handler(_Handler):
+            pass
+
+        Handler.hub = hub
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    hub: LocalHub
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    # ------------------------------------------------------------------ helpers
+
+    def _reply(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, str(v))
+        if "Content-Length" not in (headers or {}):
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head and body:
+            self.wfile.write(body)
+            self.record.sent += len(body)
+        self.record.status = status
+
+    def _json(self, status: int, data, headers: dict | None = None) -> None:
+        self._reply(status, json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+    def _error(self, status: int, code: str | None, message: str, head: bool = False) -> None:
+        headers = {"X-Error-Message": message}
+        if code:
+            headers["X-Error-Code"] = code
+        body = json.dumps({"error": message}).encode()
+        self._reply(status, body, {"Content-Type": "application/json", **headers}, head=head)
+
+    def _lookup(self, repo_id: str, rev: str, head: bool = False) -> Repo | None:
+        refs = self.hub.repos.get(repo_id)
+        if refs is None:
+            # what huggingface.co answers for a repo that does not exist (or is hidden)
+            self._error(401 if not self.headers.get("Authorization") else 404, "RepoNotFound",
+                        "Repository not found", head)
+            return None
+        want = self.hub.tokens.get(repo_id)
+        if want is not None:
+            got = self.headers.get("Authorization")
+            if got is None:
+                self._error(401, "RepoNotFound", "Repository not found", head)
+                return None
+            if got != f"Bearer {want}":
+                self._error(401, None, "Invalid credentials in Authorization header", head)
+                return None
+        repo = refs.get(rev)
+        if repo is None:
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head)
+        return repo
+
+    # ------------------------------------------------------------------ routes
+
+    def do_HEAD(self):
+        self._route(head=True)
+
+    def do_GET(self):
+        self._route(head=False)
+
+    def _route(self, head: bool) -> None:
+        self.record = Request(self.command, self.path, self.headers.get("Range"))
+        self.hub.requests.append(self.record)
+        path = unquote(urlsplit(self.path).path)
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
+        if m:
+            repo = self._lookup(m.group(1), m.group(2) or "main", head)
+            if repo is not None:
+                siblings = [{"rfilename": p, **_sibling(repo.entry(p))} for p in repo.files]
+                self._json(200, {"id": m.group(1), "modelId": m.group(1), "sha": repo.commit,
+                                 "private": m.group(1) in self.hub.tokens, "siblings": siblings})
+            return
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)
+        if m:
+            repo = self._lookup(m.group(1), m.group(2), head)
+            if repo is not None:
+                prefix = (m.group(3) or "").strip("/")
+                entries = [{"type": "file", "path": p, **repo.entry(p)} for p in repo.files
+                           if not prefix or p.startswith(prefix + "/")]
+                self._json(200, entries)
+            return
+        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        if m:
+            self._resolve(m.group(1), m.group(2), m.group(3), head)
+            return
+        self._error(404, None, f"no route for {path}", head)
+
+    def _resolve(self, repo_id: str, rev: str, name: str, head: bool) -> None:
+        repo = self._lookup(repo_id, rev, head)
+        if repo is None:
+            return
+        if name not in repo.files:
+            self._error(404, "EntryNotFound", f"{name} does not exist", head)
+            return
+        data = repo.files[name]
+        headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{repo.etag(name)}"', "Accept-Ranges": "bytes",
+                   "Content-Type": "application/octet-stream"}
+        if head:
+            self._reply(200, b"", {**headers, "Content-Length": len(data)}, head=True)
+            return
+        start = 0
+        rng = self.headers.get("Range")
+        if rng:
+            m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
+            start = int(m.group(1))
+            end = int(m.group(2)) if m.group(2) else len(data) - 1
+            body = data[start:end + 1]
+            headers["Content-Range"] = f"bytes {start}-{start + len(body) - 1}/{len(data)}"
+            status = 206
+        else:
+            body, status = data, 200
+        if name in self.hub.cut:
+            limit = self.hub.cut[name]
+            if name in self.hub.cut_served and self.hub.refuse_after_cut:
+                self._drop()  # after the first cut: refuse the file outright
+                return
+            if name in self.hub.cut_served:  # retries get the rest
+                self._reply(status, body, headers)
+                return
+            self.hub.cut_served.add(name)
+            self.send_response(status)
+            for k, v in {**headers, "Content-Length": len(body)}.items():
+                self.send_header(k, str(v))
+            self.end_headers()
+            self.wfile.write(body[:limit])
+            self.wfile.flush()
+            self.record.sent += min(limit, len(body))
+            self.record.status = status
+            self._drop()
+            return
+        self._reply(status, body, headers)
+
+    def _drop(self) -> None:
+        self.close_connection = True
+        self.record.status = -1
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _sibling(entry: dict) -> dict:
+    out = {"size": entry["size"], "blobId": entry["oid"]}
+    if "lfs" in entry:
+        out["lfs"] = {"sha256": entry["lfs"]["oid"], "size": entry["lfs"]["size"], "pointerSize": 134}
+    return out
