@@ -211,6 +211,7 @@ def environment(engine, args, medium: dict | None) -> dict:
         "tokenizer_path": None if medium else str(args.tokenizer_path),
         "medium_model": medium,
         "num_params": engine.num_params,
+        "peak_host_rss_bytes": peak_host_rss_bytes(),
     }
     try:
         import torch_npu
@@ -220,6 +221,16 @@ def environment(engine, args, medium: dict | None) -> dict:
     except ImportError:
         pass
     return env
+
+
+def peak_host_rss_bytes() -> int | None:
+    """Largest resident set of this process so far (Linux reports KiB)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except (ImportError, OSError):
+        return None
 
 
 def device_name(device) -> str:
