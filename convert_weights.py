@@ -1,0 +1,1002 @@
+#!/usr/bin/env python3
+"""Convert Boson's ORIGINAL Higgs Audio V2 checkpoints to the transformers-native layout.
+
+    python3 convert_weights.py --src ./higgs-audio-v2-generation-3B-base --dst ./model_cache
+    python3 convert_weights.py --src ./higgs-audio-v2-tokenizer --dst ./tokenizer_cache
+    python3 convert_weights.py --src ORIGINAL --dst OUT --dry-run     # print the mapping only
+
+The kind (generation model or audio tokenizer) is detected from the folder; --kind forces it.
+Tensors are streamed one at a time (read, renamed / concatenated / weight-norm folded,
+written), into a temp folder that is renamed into place only when complete and verified with
+the loader inference.py uses. Every source tensor is mapped or explicitly dropped; anything
+else is an error that names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+import inference  # noqa: E402  (stdlib-only at import time)
+from inference import UserError  # noqa: E402
+
+SHARD_BYTES = 2 * 1024**3  # output shard size (peak RAM does not depend on it: tensors stream)
+DELAY_TOKEN = "<|reserved_special_token_6|>"
+DELAY_TOKEN_DEFAULT_ID = 128014
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HUBERT_HEAD_DIM = 64  # HuBERT base (768 / 12) and large (1024 / 16)
+
+# safetensors dtype name -> (torch dtype name, bytes per element)
+ST_DTYPES = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U8": ("uint8", 1), "BOOL": ("bool", 1),
+}
+TORCH_TO_ST = {v[0]: k for k, v in ST_DTYPES.items()}
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+# --------------------------------------------------------------------------- safetensors streaming
+
+
+class SafetensorsFile:
+    """Reads one tensor at a time with plain file reads (no mmap: RSS stays one tensor)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise UserError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+                n = struct.unpack("<Q", head)[0]
+                if 8 + n > size:
+                    raise UserError(f"{path} is truncated: its header needs {8 + n} bytes, the file has {size}")
+                header = json.loads(f.read(n))
+        except OSError as e:
+            raise UserError(f"{path}: cannot read ({e.strerror})") from None
+        except ValueError as e:
+            raise UserError(f"{path}: not a safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        self.entries = header
+        self.data_start = 8 + n
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.data_start + end > size:
+            raise UserError(
+                f"{path} is truncated: {size} bytes, its tensors need {self.data_start + end} "
+                "(re-download this shard)"
+            )
+        for name, e in header.items():
+            if e["dtype"] not in ST_DTYPES:
+                raise UserError(f"{path}: tensor {name} has unsupported dtype {e['dtype']}")
+
+    def shape(self, name) -> list[int]:
+        return list(self.entries[name]["shape"])
+
+    def dtype(self, name) -> str:
+        return ST_DTYPES[self.entries[name]["dtype"]][0]
+
+    def read(self, name):
+        import torch
+
+        e = self.entries[name]
+        start, end = e["data_offsets"]
+        buf = bytearray(end - start)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + start)
+            if f.readinto(buf) != len(buf):
+                raise UserError(f"{self.path} is truncated while reading {name}")
+        dtype = getattr(torch, ST_DTYPES[e["dtype"]][0])
+        if not buf:
+            return torch.empty(e["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(e["shape"])
+
+
+@dataclass
+class Target:
+    """One output tensor: its name, dtype, shape and how to produce it."""
+
+    name: str
+    dtype: str  # torch dtype name
+    shape: list[int]
+    sources: list[str]  # source keys it is made from
+    how: str  # "copy", "concat", "weight-norm fold", ...
+    produce: object = field(repr=False, default=None)  # () -> tensor
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ST_DTYPES[TORCH_TO_ST[self.dtype]][1]
+
+
+def write_safetensors(path: Path, targets: list[Target]) -> None:
+    """Header first (shapes are known), then each tensor's bytes as it is produced."""
+    import torch
+
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for t in targets:
+        header[t.name] = {"dtype": TORCH_TO_ST[t.dtype], "shape": t.shape, "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in targets:
+            tensor = t.produce()
+            if list(tensor.shape) != t.shape or str(tensor.dtype).replace("torch.", "") != t.dtype:
+                raise AssertionError(f"{t.name}: produced {tuple(tensor.shape)} {tensor.dtype}, planned {t.shape} {t.dtype}")
+            data = tensor.contiguous().reshape(-1)
+            if data.numel():
+                f.write(data.view(torch.uint8).numpy())
+            del tensor, data
+
+
+def write_sharded(out_dir: Path, targets: list[Target]) -> list[str]:
+    shards, current, size = [], [], 0
+    for t in targets:
+        if current and size + t.nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += t.nbytes
+    if current:
+        shards.append(current)
+    weight_map, names = {}, []
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(out_dir / name, shard)
+        names.append(name)
+        weight_map.update({t.name: name for t in shard})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in targets)}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+# --------------------------------------------------------------------------- plan (shared)
+
+
+@dataclass
+class Plan:
+    kind: str  # "model" | "tokenizer"
+    config: object  # the native transformers config
+    targets: list[Target]
+    dropped: list[tuple[str, str]]  # (source key, reason)
+    notes: list[str]
+    source_bytes: int
+    extra_files: dict  # name -> source path to copy, or None to generate
+
+    def print_mapping(self, log) -> None:
+        log(f"Key mapping ({len(self.targets)} target tensors):")
+        for t in self.targets:
+            src = " + ".join(t.sources) if t.sources else "(generated)"
+            log(f"  {src} -> {t.name} {t.shape} {t.dtype} [{t.how}]")
+        log(f"Dropped ({len(self.dropped)} source tensors):")
+        for key, reason in self.dropped:
+            log(f"  {key}: {reason}")
+
+
+def check_targets(plan_targets: list[Target], expected: dict, allowed_extra=()) -> None:
+    """Every tensor the native model holds is filled, with the shape its config gives."""
+    names = {t.name for t in plan_targets}
+    missing = sorted(set(expected) - names)
+    if missing:
+        raise UserError(f"the source does not provide {len(missing)} tensor(s) the native model needs: "
+                        + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+    extra = sorted(names - set(expected) - set(allowed_extra))
+    if extra:
+        raise AssertionError(f"mapping produced tensors the native model does not have: {extra[:8]}")
+    bad = [f"{t.name} {t.shape} (config says {expected[t.name]})" for t in plan_targets
+           if t.name in expected and t.shape != expected[t.name]]
+    if bad:
+        raise UserError("shapes do not match the config: " + "; ".join(bad[:6]))
+
+
+def expected_shapes(model_cls, config, **kwargs) -> dict:
+    import torch
+
+    with torch.device("meta"):
+        model = model_cls(config, **kwargs)
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def unknown_error(keys: list[str], what: str) -> UserError:
+    shown = ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")
+    return UserError(f"unknown tensor name(s) in the {what}: {shown}; nothing was written")
+
+
+# --------------------------------------------------------------------------- generation model
+
+
+LAYER_RE = re.compile(
+    r"^layers\.(\d+)\.((?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj|audio_mlp\.(?:gate|up|down)_proj)"
+    r"\.(?:weight|bias)|(?:input_layernorm|post_attention_layernorm|audio_input_layernorm"
+    r"|audio_post_attention_layernorm)\.weight)$"
+)
+SPLIT_RE = re.compile(r"^(.*)\.(embedding|linear)_(frozen|trainable)\.weight$")
+
+
+def read_index(src: Path) -> dict[str, SafetensorsFile]:
+    """key -> open shard, from model.safetensors.index.json or a single model.safetensors."""
+    index_path = src / "model.safetensors.index.json"
+    if index_path.exists():
+        weight_map = inference.read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{index_path} has no weight_map")
+        shard_names = sorted(set(weight_map.values()))
+        missing = [s for s in shard_names if not (src / s).is_file()]
+        if missing:
+            raise UserError(f"{src} is incomplete: missing shard(s) {', '.join(missing)}")
+        files = {s: SafetensorsFile(src / s) for s in shard_names}
+        result = {}
+        for key, shard in weight_map.items():
+            if key not in files[shard].entries:
+                raise UserError(f"{index_path} lists {key} in {shard}, but that shard does not hold it")
+            result[key] = files[shard]
+        for shard, f in files.items():
+            for key in f.entries:
+                result.setdefault(key, f)
+        return result
+    single = src / "model.safetensors"
+    if single.is_file():
+        f = SafetensorsFile(single)
+        return {key: f for key in f.entries}
+    raise UserError(f"{src} has no model.safetensors.index.json or model.safetensors")
+
+
+def tokenizer_special_ids(src: Path) -> dict[str, int]:
+    path = src / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(
+            f"{src} has no tokenizer.json: the converted folder must carry the text tokenizer "
+            "(copy tokenizer.json, tokenizer_config.json and special_tokens_map.json of the original repo into it)"
+        )
+    data = inference.read_json(path)
+    ids = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    vocab = data.get("model", {}).get("vocab") or {}
+    for name in (DELAY_TOKEN, "<|eot_id|>", "<|begin_of_text|>", "<|end_of_text|>", "<|AUDIO_OUT|>",
+                 "<|audio_out_bos|>", "<|audio_eos|>"):
+        if name not in ids and isinstance(vocab, dict) and name in vocab:
+            ids[name] = vocab[name]
+    return ids
+
+
+def refuse_model_config(cfg: dict, num_layers: int) -> list[str]:
+    """Errors for what HiggsAudioV2 cannot express; returns notes for what is ignored."""
+    adapter = cfg.get("audio_adapter_type", "stack")
+    layers = cfg.get("audio_dual_ffn_layers") or []
+    if adapter not in ("dual_ffn", "dual_ffn_fast_forward"):
+        raise UserError(f"audio_adapter_type {adapter!r}: the native model has a dual FFN (audio MLP) in every "
+                        "layer; this checkpoint cannot be converted")
+    uncovered = sorted(set(range(num_layers)) - set(layers))
+    if uncovered:
+        raise UserError(
+            f"audio_dual_ffn_layers covers {len(set(layers) & set(range(num_layers)))} of {num_layers} layers "
+            f"(not {uncovered[:6]}{' ...' if len(uncovered) > 6 else ''}): fast-forward layers cannot be expressed "
+            "by the native model (they would load with missing weights and give wrong audio)"
+        )
+    if cfg.get("use_audio_out_self_attention"):
+        raise UserError("use_audio_out_self_attention is on: the native model has no audio self-attention")
+    if cfg.get("use_rq_transformer"):
+        raise UserError("use_rq_transformer is on: the native model has no RQ-transformer head")
+    if not cfg.get("use_delay_pattern"):
+        raise UserError("use_delay_pattern is off: the native model and inference.py decode with the delay pattern only")
+    if cfg.get("audio_decoder_proj_num_layers", 0):
+        raise UserError("audio_decoder_proj_num_layers > 0: the native model has no transformer layers in its audio head")
+    if cfg.get("use_audio_out_embed_projector"):
+        raise UserError("use_audio_out_embed_projector is on: the native model has no audio embedding projector")
+    if cfg.get("audio_embed_avg"):
+        raise UserError("audio_embed_avg is on: the native model sums the codebook embeddings")
+    notes = []
+    if not cfg.get("skip_audio_tower", False):
+        notes.append("config has skip_audio_tower false but the checkpoint holds no audio-tower weights: "
+                     "nothing to convert there (audio input understanding is not used for speech generation)")
+    return notes
+
+
+def rope_parameters(text: dict) -> dict:
+    theta = float(text.get("rope_theta", 10000.0))
+    scaling = text.get("rope_scaling") or text.get("rope_parameters")
+    if not scaling:
+        return {"rope_type": "default", "rope_theta": theta}
+    params = dict(scaling)
+    params["rope_type"] = params.pop("type", None) or params.get("rope_type", "default")
+    params.setdefault("rope_theta", theta)
+    return params
+
+
+def plan_model(src: Path, keep_text_head: bool) -> Plan:
+    import torch  # noqa: F401
+    from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
+
+    cfg = inference.read_json(src / "config.json")
+    text = cfg.get("text_config") or {}
+    if not text:
+        raise UserError(f"{src}/config.json has no text_config")
+    num_layers = int(text["num_hidden_layers"])
+    notes = refuse_model_config(cfg, num_layers)
+
+    shards = read_index(src)
+    keys = sorted(shards)
+    source_bytes = sum(f.path.stat().st_size for f in {id(f): f for f in shards.values()}.values())
+
+    # unknown or inexpressible keys first: nothing is planned before every key is accounted for
+    refused = {
+        "audio tower with weights (audio understanding; not expressible)": [k for k in keys if k.startswith(("audio_tower.", "audio_encoder_proj."))],
+        "audio self-attention": [k for k in keys if ".audio_attn." in k or "audio_post_audio_attn" in k],
+        "audio embedding projector": [k for k in keys if k.startswith("audio_out_embed_projector.")],
+        "audio-head transformer layers / RQ-transformer": [k for k in keys if k.startswith("audio_decoder_proj.") and not k.startswith(("audio_decoder_proj.audio_lm_head", "audio_decoder_proj.text_lm_head"))],
+    }
+    for what, found in refused.items():
+        if found:
+            raise UserError(f"the checkpoint has {what}: {', '.join(found[:4])}{' ...' if len(found) > 4 else ''}; "
+                            "the native model cannot express it")
+
+    groups: dict[str, dict[str, str]] = {}  # target -> {"whole"|"frozen"|"trainable": source key}
+    dropped, unknown = [], []
+    for key in keys:
+        if key.endswith("rotary_emb.inv_freq"):
+            dropped.append((key, "rotary buffer, recomputed from the config"))
+            continue
+        if key == "audio_codebook_weights":
+            dropped.append((key, "unused codebook loss weights"))
+            continue
+        base, part = key, "whole"
+        m = SPLIT_RE.match(key)
+        if m:
+            base, part = f"{m.group(1)}.weight", m.group(3)
+        if base == "audio_decoder_proj.text_lm_head.weight":
+            if not keep_text_head:
+                dropped.append((key, "text head, not needed for speech (keep it with --keep-text-head)"))
+                continue
+            target = "text_lm_head.weight"
+        elif base == "embed_tokens.weight":
+            target = "model.embed_tokens.weight"
+        elif base == "norm.weight":
+            target = "model.norm.weight"
+        elif base == "audio_codebook_embeddings.weight":
+            target = "model.embed_audio_tokens.embed_audio_tokens.weight"
+        elif base == "audio_decoder_proj.audio_lm_head.weight":
+            target = "audio_lm_head.weight"
+        elif LAYER_RE.match(base):
+            target = f"model.{base}"
+        else:
+            unknown.append(key)
+            continue
+        if part in groups.setdefault(target, {}):
+            raise UserError(f"two source tensors map to {target}: {groups[target][part]} and {key}")
+        groups[target][part] = key
+    if unknown:
+        raise unknown_error(unknown, "generation checkpoint")
+    for target, parts in groups.items():
+        if "whole" in parts and len(parts) > 1 or "whole" not in parts and set(parts) != {"frozen", "trainable"}:
+            raise UserError(f"{target}: expected one tensor or a frozen + trainable pair, got {sorted(parts.values())}")
+
+    # the native config
+    tok_ids = tokenizer_special_ids(src)
+    emb_key = groups["model.embed_tokens.weight"]
+    vocab = sum(shards[k].shape(k)[0] for k in emb_key.values())
+    hidden = int(text["hidden_size"])
+    num_cb = int(cfg.get("audio_num_codebooks", 12))
+    codebook_size = int(cfg.get("audio_codebook_size", 1024)) + 2  # + stream BOS + stream EOS
+    heads = int(text["num_attention_heads"])
+    head_dim = int(text.get("head_dim") or hidden // heads)
+    for name, expect in (("<|AUDIO_OUT|>", cfg.get("audio_out_token_idx", 128016)),
+                         ("<|audio_out_bos|>", cfg.get("audio_out_bos_token_id", 128013))):
+        if name in tok_ids and tok_ids[name] != expect:
+            raise UserError(f"tokenizer.json gives {name} id {tok_ids[name]} but config.json says {expect}")
+    delay_id = tok_ids.get(DELAY_TOKEN, DELAY_TOKEN_DEFAULT_ID)
+    if DELAY_TOKEN not in tok_ids:
+        notes.append(f"{DELAY_TOKEN} not in tokenizer.json: delay token id {DELAY_TOKEN_DEFAULT_ID}")
+    eos_id = tok_ids.get("<|eot_id|>", 128009)
+    pad_id = cfg.get("pad_token_id", text.get("pad_token_id", tok_ids.get("<|end_of_text|>", 128001)))
+    bos_id = text.get("bos_token_id", tok_ids.get("<|begin_of_text|>", 128000))
+    dtype = shards[next(iter(emb_key.values()))].dtype(next(iter(emb_key.values())))
+    config = HiggsAudioV2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(text["intermediate_size"]),
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=int(text.get("num_key_value_heads") or heads),
+        head_dim=head_dim,
+        hidden_act=text.get("hidden_act", "silu"),
+        max_position_embeddings=int(text.get("max_position_embeddings", 131072)),
+        rms_norm_eps=float(text.get("rms_norm_eps", 1e-5)),
+        rope_parameters=rope_parameters(text),
+        attention_bias=bool(text.get("attention_bias", False)),
+        mlp_bias=bool(text.get("mlp_bias", False)),
+        tie_word_embeddings=False,
+        num_codebooks=num_cb,
+        codebook_size=codebook_size,
+        audio_token_id=int(cfg.get("audio_out_token_idx", 128016)),
+        audio_bos_token_id=int(cfg.get("audio_out_bos_token_id", 128013)),
+        audio_delay_token_id=int(delay_id),
+        audio_stream_bos_id=int(cfg.get("audio_stream_bos_id", 1024)),
+        audio_stream_eos_id=int(cfg.get("audio_stream_eos_id", 1025)),
+        bos_token_id=int(bos_id),
+        eos_token_id=int(eos_id),
+        pad_token_id=int(pad_id),
+    )
+    config.architectures = ["HiggsAudioV2ForConditionalGeneration"]
+    config.dtype = dtype
+
+    targets = []
+    for target, parts in groups.items():
+        if "whole" in parts:
+            k = parts["whole"]
+            f = shards[k]
+            targets.append(Target(target, f.dtype(k), f.shape(k), [k], "copy", (lambda f=f, k=k: f.read(k))))
+        else:
+            a, b = parts["frozen"], parts["trainable"]
+            fa, fb = shards[a], shards[b]
+            if fa.dtype(a) != fb.dtype(b) or fa.shape(a)[1:] != fb.shape(b)[1:]:
+                raise UserError(f"{a} and {b} cannot be concatenated: {fa.shape(a)} {fa.dtype(a)} vs {fb.shape(b)} {fb.dtype(b)}")
+            shape = [fa.shape(a)[0] + fb.shape(b)[0], *fa.shape(a)[1:]]
+
+            def concat(fa=fa, fb=fb, a=a, b=b):
+                import torch
+
+                return torch.cat([fa.read(a), fb.read(b)], dim=0)
+
+            targets.append(Target(target, fa.dtype(a), shape, [a, b], "concat frozen + trainable (dim 0)", concat))
+    order = list(expected_shapes(HiggsAudioV2ForConditionalGeneration, config))
+    rank = {name: i for i, name in enumerate(order)}
+    targets.sort(key=lambda t: rank.get(t.name, len(rank)))
+    expected = expected_shapes(HiggsAudioV2ForConditionalGeneration, config, use_text_head=keep_text_head)
+    check_targets(targets, expected)
+    extra = {name: src / name for name in TOKENIZER_FILES if (src / name).is_file()}
+    return Plan("model", config, targets, dropped, notes, source_bytes, extra)
+
+
+def write_model_folder(plan: Plan, out: Path, log) -> None:
+    import tiny_checkpoints
+
+    names = write_sharded(out, plan.targets)
+    log(f"  wrote {len(names)} shard(s) + index ({len(plan.targets)} tensors)")
+    plan.config.save_pretrained(out)
+    tiny_checkpoints.generation_config_for(plan.config).save_pretrained(out)
+    for name, path in plan.extra_files.items():
+        shutil.copyfile(path, out / name)
+    tiny_checkpoints.write_processor_files(out, None)  # chat_template.jinja + processor_config.json
+    log("  wrote config.json, generation_config.json, tokenizer files, chat_template.jinja, processor_config.json")
+
+
+def verify_model(path: Path, log) -> None:
+    """The checks inference.py makes, a strict load and one forward over a real chat prompt."""
+    import torch
+    from transformers import AutoTokenizer, HiggsAudioV2ForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    config = inference.check_model_dir(path)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        dtype = getattr(torch, config.get("dtype") or "float32")
+        model, info = HiggsAudioV2ForConditionalGeneration.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    finally:
+        hf_logging.set_verbosity_warning()
+    problems = {k: v for k, v in info.items() if v and k != "unexpected_keys"}
+    unexpected = [k for k in info.get("unexpected_keys", []) if k != "text_lm_head.weight"]
+    if problems or unexpected:
+        raise UserError(f"verification: the converted model does not load cleanly: {problems or unexpected}")
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": inference.SYSTEM_MESSAGE}]},
+        {"role": "scene", "content": [{"type": "text", "text": inference.DEFAULT_SCENE}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hello."}]},
+    ]
+    rendered = tokenizer.apply_chat_template(messages, chat_template=(path / "chat_template.jinja").read_text(),
+                                             tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(rendered, add_special_tokens=False, return_tensors="pt").input_ids
+    if ids[0, -1].item() != model.config.audio_bos_token_id:
+        raise UserError(f"verification: the chat prompt does not end with <|audio_out_bos|> "
+                        f"(id {model.config.audio_bos_token_id}); check the tokenizer files")
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+    want = model.config.num_codebooks * model.config.codebook_size
+    if logits.shape[-1] != want or not torch.isfinite(logits).all():
+        raise UserError(f"verification: forward gave logits {tuple(logits.shape)} (finite: "
+                        f"{bool(torch.isfinite(logits).all())}), expected last dim {want}")
+    log(f"  verified: strict load, chat prompt of {ids.shape[1]} tokens, forward -> logits {tuple(logits.shape)} finite")
+
+
+# --------------------------------------------------------------------------- audio tokenizer
+
+
+ORIGINAL_TOKENIZER_KEYS = ("n_q", "ratios", "D")
+
+
+def fold_weight_norm(g, v):
+    """weight = g * v / ||v||, the norm over every dim where g has size 1 (dim 0 for Conv1d,
+    the input-channel dim 0 for ConvTranspose1d, dim 2 for HuBERT's positional conv)."""
+    import torch
+
+    dims = [d for d in range(v.dim()) if g.shape[d] == 1]
+    v32, g32 = v.float(), g.float()
+    norm = v32.pow(2).sum(dim=dims, keepdim=True).sqrt()
+    return (v32 * (g32 / norm)).to(v.dtype)
+
+
+def load_pth(path: Path) -> dict:
+    import torch
+
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) format cannot be mmapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing") from None
+    except Exception as e:  # unpickling refuses anything but tensors and containers
+        raise UserError(f"{path} cannot be loaded safely (weights_only): {str(e).splitlines()[0]}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a flat state dict of tensors")
+    return state
+
+
+def _acoustic_name(key: str, prefix: str, native: str, nb: int):
+    """Boson's DAC Sequential indices -> (native DacEncoder / DacDecoder module, rest), or None."""
+    parts = key[len(prefix):].split(".")
+    top = int(parts[0])
+    rest = parts[1:]
+    if native == "acoustic_encoder":
+        if top == 0:
+            return "acoustic_encoder.conv1", rest
+        if top == nb + 1:
+            return "acoustic_encoder.snake1", rest
+        if top == nb + 2:
+            return "acoustic_encoder.conv2", rest
+        if 1 <= top <= nb and rest[:1] == ["block"]:
+            j = int(rest[1])
+            base = f"acoustic_encoder.block.{top - 1}"
+            if j <= 2:  # ResidualUnit(dilation 1, 3, 9)
+                k = int(rest[3])
+                return f"{base}.res_unit{j + 1}.{['snake1', 'conv1', 'snake2', 'conv2'][k]}", rest[4:]
+            return (f"{base}.snake1", rest[2:]) if j == 3 else (f"{base}.conv1", rest[2:])
+    else:
+        if top == 0:
+            return "acoustic_decoder.conv1", rest
+        if top == nb + 1:
+            return "acoustic_decoder.snake1", rest
+        if top == nb + 2:
+            return "acoustic_decoder.conv2", rest
+        if 1 <= top <= nb and rest[:1] == ["block"]:
+            j = int(rest[1])
+            base = f"acoustic_decoder.block.{top - 1}"
+            if j == 0:
+                return f"{base}.snake1", rest[2:]
+            if j == 1:
+                return f"{base}.conv_t1", rest[2:]
+            k = int(rest[3])
+            return f"{base}.res_unit{j - 1}.{['snake1', 'conv1', 'snake2', 'conv2'][k]}", rest[4:]
+    return None
+
+
+def _semantic_name(key: str) -> str:
+    for old, new in ((".conv.conv.", ".conv."), (".conv.deconv.", ".conv."), (".conv1.conv.", ".conv1."),
+                     (".conv2.conv.", ".conv2.")):
+        key = key.replace(old, new)
+    return key
+
+
+def hubert_config(state: dict) -> dict:
+    p = "semantic_model."
+    need = f"{p}feature_projection.projection.weight"
+    if need not in state:
+        raise UserError(f"model.pth has no {need}: the semantic teacher is not a HuBERT model")
+    hidden = state[need].shape[0]
+    convs = sorted(int(m.group(1)) for k in state
+                   if (m := re.match(rf"^{p}feature_extractor\.conv_layers\.(\d+)\.conv\.weight$", k)))
+    layers = {int(m.group(1)) for k in state if (m := re.match(rf"^{p}encoder\.layers\.(\d+)\.", k))}
+    pos = None
+    for name in ("weight_v", "parametrizations.weight.original1", "weight"):
+        if f"{p}encoder.pos_conv_embed.conv.{name}" in state:
+            pos = state[f"{p}encoder.pos_conv_embed.conv.{name}"]
+            break
+    if not convs or not layers or pos is None or hidden % HUBERT_HEAD_DIM:
+        raise UserError("model.pth: cannot read the HuBERT sizes from its tensors")
+    if len(convs) != 7:
+        raise UserError(f"model.pth: HuBERT with {len(convs)} feature-extractor convs (expected 7)")
+    group_norm = f"{p}feature_extractor.conv_layers.1.layer_norm.weight" not in state
+    return {
+        "hidden_size": hidden,
+        "num_hidden_layers": len(layers),
+        "num_attention_heads": hidden // HUBERT_HEAD_DIM,
+        "intermediate_size": state[f"{p}encoder.layers.0.feed_forward.intermediate_dense.weight"].shape[0],
+        "conv_dim": [state[f"{p}feature_extractor.conv_layers.{i}.conv.weight"].shape[0] for i in convs],
+        "conv_kernel": [state[f"{p}feature_extractor.conv_layers.{i}.conv.weight"].shape[2] for i in convs],
+        "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+        "conv_bias": f"{p}feature_extractor.conv_layers.0.conv.bias" in state,
+        "feat_extract_norm": "group" if group_norm else "layer",
+        "do_stable_layer_norm": not group_norm,  # HuBERT base: group / post-norm; large: layer / pre-norm
+        "feat_proj_layer_norm": f"{p}feature_projection.layer_norm.weight" in state,
+        "num_conv_pos_embeddings": pos.shape[2],
+        "num_conv_pos_embedding_groups": hidden // pos.shape[1],
+        "mask_time_prob": 0.0,
+    }
+
+
+def plan_tokenizer(src: Path) -> Plan:
+    import torch
+    from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
+
+    cfg = inference.read_json(src / "config.json")
+    state = load_pth(src / "model.pth")
+    source_bytes = (src / "model.pth").stat().st_size
+    ratios = list(cfg.get("ratios", [8, 5, 4, 2]))
+    n_q, bins = int(cfg.get("n_q", 8)), cfg.get("bins", 1024)
+    teacher = cfg.get("semantic_techer", "hubert_base")
+    if teacher not in ("hubert_base", "hubert_base_general"):
+        raise UserError(f"semantic_techer {teacher!r}: only HuBERT teachers can be expressed by the native tokenizer")
+    if not isinstance(bins, int):
+        raise UserError("bins is a list (residual FSQ): the native tokenizer has residual VQ only")
+    for name, want in (("vq_scale", 1), ("downsample_mode", "step_down"), ("merge_mode", "concat"),
+                       ("causal", False), ("normalize", False)):
+        if name in cfg and cfg[name] != want:
+            raise UserError(f"{name} {cfg[name]!r}: the native tokenizer supports {want!r} only")
+    sample_rate = int(cfg.get("sample_rate", 16000))
+    nb = len(ratios)
+
+    # widths from tensor shapes (Boson's code hard-codes 64 / 1024 / 768 and ignores n_filters)
+    def weight_of(prefix):
+        for name in ("weight_v", "parametrizations.weight.original1", "weight"):
+            if f"{prefix}.{name}" in state:
+                return state[f"{prefix}.{name}"]
+        raise UserError(f"model.pth has no {prefix}.weight(_v): not a Higgs Audio tokenizer checkpoint")
+
+    enc_width = weight_of("encoder.block.0").shape[0]
+    dec_width = weight_of("decoder_2.model.0").shape[0]
+    acoustic_hidden = weight_of(f"encoder.block.{nb + 2}").shape[0]
+    semantic_hidden = weight_of("encoder_semantic.conv.conv").shape[0]
+    if "D" in cfg and int(cfg["D"]) != acoustic_hidden:
+        raise UserError(f"config D {cfg['D']} but the encoder's last conv has {acoustic_hidden} channels")
+    emb = state.get("quantizer.vq.layers.0._codebook.embed")
+    if emb is None:
+        raise UserError("model.pth has no quantizer.vq.layers.0._codebook.embed")
+    codebook_dim = emb.shape[1]
+    hubert = hubert_config(state)
+    if hubert["hidden_size"] != semantic_hidden:
+        raise UserError(f"HuBERT width {hubert['hidden_size']} != semantic encoder width {semantic_hidden}")
+
+    # the last bandwidth decides the quantizer count: keep the list up to n_q quantizers
+    frame_rate = math.ceil(sample_rate / math.prod(ratios))
+    per_q = frame_rate * math.ceil(math.log2(bins)) / 1000
+    bandwidths = [b for b in cfg.get("target_bandwidths", [n_q * per_q]) if int(1000 * b // (frame_rate * math.ceil(math.log2(bins)))) <= n_q]
+    if not bandwidths or int(1000 * bandwidths[-1] // (frame_rate * math.ceil(math.log2(bins)))) != n_q:
+        bandwidths.append(round(n_q * per_q, 6))
+    config = HiggsAudioV2TokenizerConfig(
+        target_bandwidths=bandwidths,
+        sample_rate=sample_rate,
+        codebook_size=int(bins),
+        codebook_dim=int(codebook_dim),
+        acoustic_model_config={
+            "encoder_hidden_size": int(enc_width),
+            "downsampling_ratios": ratios,
+            "decoder_hidden_size": int(dec_width),
+            "upsampling_ratios": ratios,  # explicit: left out, DacConfig reverses them
+            "hidden_size": int(acoustic_hidden),
+            "sampling_rate": sample_rate,
+        },
+        semantic_model_config=hubert,
+        semantic_sample_rate=int(cfg.get("semantic_sample_rate") or 16000),
+    )
+    config.architectures = ["HiggsAudioV2TokenizerModel"]
+    if config.num_quantizers != n_q or config.hop_length != math.prod(ratios):
+        raise AssertionError(f"config gives {config.num_quantizers} quantizers / hop {config.hop_length}")
+    boson_factor = int(math.prod(ratios) / (sample_rate / config.semantic_sample_rate) / 320)
+    if config.semantic_downsample_factor != boson_factor:
+        raise AssertionError("semantic downsample factor differs from Boson's")
+    expected = expected_shapes(HiggsAudioV2TokenizerModel, config)
+    notes = [f"target_bandwidths {cfg.get('target_bandwidths')} -> {bandwidths}: exactly n_q = {n_q} quantizers "
+             f"at hop {config.hop_length}",
+             f"widths from tensor shapes: acoustic encoder {enc_width}, decoder {dec_width}, latent {acoustic_hidden}, "
+             f"semantic {semantic_hidden}; HuBERT {hubert['num_hidden_layers']} layers x {hubert['hidden_size']}, "
+             f"{hubert['num_attention_heads']} heads (head dim {HUBERT_HEAD_DIM})"]
+
+    targets, dropped, unknown = [], [], []
+    used = set()
+    weight_norm_groups = {}  # module prefix -> {"g": key, "v": key}
+    simple = {}  # target -> source key
+    for key in sorted(state):
+        if re.match(r"^quantizer\.vq\.layers\.\d+\._codebook\.(inited|cluster_size|embed_avg)$", key):
+            dropped.append((key, "RVQ training buffer (the native buffer gets its inference default)"))
+            continue
+        if key == "semantic_model.masked_spec_embed":
+            dropped.append((key, "HuBERT training-only mask embedding"))
+            continue
+        m = re.match(r"^(.*)\.(weight_g|weight_v|parametrizations\.weight\.original0|parametrizations\.weight\.original1)$", key)
+        module, param = (m.group(1), m.group(2)) if m else (key.rsplit(".", 1)[0], key.rsplit(".", 1)[1])
+        slot = {"weight_g": "g", "parametrizations.weight.original0": "g",
+                "weight_v": "v", "parametrizations.weight.original1": "v"}.get(param)
+        if key.startswith(("encoder.block.", "decoder_2.model.")):
+            prefix, native = ("encoder.block.", "acoustic_encoder") if key.startswith("encoder.") else ("decoder_2.model.", "acoustic_decoder")
+            try:
+                mapped = _acoustic_name(module, prefix, native, nb)
+            except (ValueError, IndexError):
+                mapped = None
+            if mapped is None:
+                unknown.append(key)
+                continue
+            name = mapped[0]
+            if slot:
+                weight_norm_groups.setdefault(f"{name}.weight", {})[slot] = key
+            else:
+                simple[f"{name}.{param}"] = key
+        elif key.startswith(("encoder_semantic.", "decoder_semantic.")):
+            simple[_semantic_name(key)] = key
+        elif key.startswith("quantizer.vq.layers."):
+            m2 = re.match(r"^quantizer\.vq\.layers\.(\d+)\.(_codebook\.embed|project_in\.(?:weight|bias)|project_out\.(?:weight|bias))$", key)
+            if not m2:
+                unknown.append(key)
+                continue
+            sub = m2.group(2).replace("_codebook.", "codebook.")
+            simple[f"quantizer.quantizers.{m2.group(1)}.{sub}"] = key
+        elif key.split(".")[0] in ("fc_prior", "fc_post1", "fc_post2"):
+            head, rest = key.split(".", 1)
+            simple[f"{ {'fc_prior': 'fc', 'fc_post1': 'fc1', 'fc_post2': 'fc2'}[head] }.{rest}"] = key
+        elif key.startswith("semantic_model.encoder.pos_conv_embed.conv.") and slot:
+            which = "original0" if slot == "g" else "original1"
+            simple[f"semantic_model.encoder.pos_conv_embed.conv.parametrizations.weight.{which}"] = key
+        elif key == "semantic_model.encoder.pos_conv_embed.conv.weight":
+            weight_norm_groups["__pos_conv_unfolded__"] = {"w": key}
+        elif key.startswith("semantic_model."):
+            simple[key] = key
+        else:
+            unknown.append(key)
+    bad = [simple[k] for k in simple if k not in expected]
+    bad += [k for name, slots in weight_norm_groups.items() if name != "__pos_conv_unfolded__" and name not in expected
+            for k in slots.values()]
+    if unknown or bad:
+        raise unknown_error(sorted(set(unknown) | set(bad)), "audio tokenizer model.pth")
+
+    def copy(key):
+        return lambda: state[key].detach().clone()
+
+    for name, key in simple.items():
+        t = state[key]
+        targets.append(Target(name, str(t.dtype).replace("torch.", ""), list(t.shape), [key], "copy", copy(key)))
+    for name, slots in weight_norm_groups.items():
+        if name == "__pos_conv_unfolded__":  # plain weight: unfold into the native (g, v) pair over dim 2
+            key = slots["w"]
+            w = state[key]
+            g_shape = [1, 1, w.shape[2]]
+            base = "semantic_model.encoder.pos_conv_embed.conv.parametrizations.weight"
+            targets.append(Target(f"{base}.original0", str(w.dtype).replace("torch.", ""), g_shape, [key],
+                                  "weight-norm g over dim 2",
+                                  lambda key=key: state[key].float().pow(2).sum(dim=(0, 1), keepdim=True).sqrt().to(state[key].dtype)))
+            targets.append(Target(f"{base}.original1", str(w.dtype).replace("torch.", ""), list(w.shape), [key],
+                                  "weight-norm v", copy(key)))
+            continue
+        if set(slots) != {"g", "v"}:
+            raise UserError(f"model.pth: weight-norm pair incomplete for {name}: {sorted(slots.values())}")
+        g, v = state[slots["g"]], state[slots["v"]]
+        dims = [d for d in range(v.dim()) if g.shape[d] == 1]
+        targets.append(Target(name, str(v.dtype).replace("torch.", ""), list(v.shape), [slots["g"], slots["v"]],
+                              f"weight-norm fold (norm over dims {dims})",
+                              lambda g=slots["g"], v=slots["v"]: fold_weight_norm(state[g], state[v])))
+    # native-only buffers: RVQ state (inited / cluster_size / embed_avg) and missing projections
+    names = {t.name for t in targets}
+    for name, shape in expected.items():
+        if name in names:
+            continue
+        m = re.match(r"^quantizer\.quantizers\.(\d+)\.(codebook\.(inited|cluster_size|embed_avg)|project_(in|out)\.(weight|bias))$", name)
+        if not m:
+            continue
+        if m.group(3) == "inited":
+            produce, how = (lambda: torch.ones(1)), "default (True)"
+        elif m.group(3):
+            produce, how = (lambda shape=shape: torch.zeros(shape)), "default (zeros, unused at inference)"
+        elif m.group(5) == "weight" and shape[0] == shape[1]:  # Boson's Identity when codebook_dim == dim
+            produce, how = (lambda n=shape[0]: torch.eye(n)), "identity (Boson has no projection)"
+        elif m.group(5) == "bias":
+            produce, how = (lambda shape=shape: torch.zeros(shape)), "zeros (Boson has no projection)"
+        else:
+            continue
+        targets.append(Target(name, "float32", list(shape), [], how, produce))
+    rank = {name: i for i, name in enumerate(expected)}
+    targets.sort(key=lambda t: rank.get(t.name, len(rank)))
+    check_targets(targets, expected)
+    return Plan("tokenizer", config, targets, dropped, notes, source_bytes, {})
+
+
+def write_tokenizer_folder(plan: Plan, out: Path, log) -> None:
+    from transformers import DacFeatureExtractor
+
+    write_safetensors(out / "model.safetensors", plan.targets)
+    plan.config.save_pretrained(out)
+    DacFeatureExtractor(
+        feature_size=1, hop_length=1, padding_side="right", padding_value=0.0,
+        sampling_rate=plan.config.sample_rate, return_attention_mask=True,
+    ).save_pretrained(out)
+    log(f"  wrote model.safetensors ({len(plan.targets)} tensors), config.json, preprocessor_config.json")
+
+
+def verify_tokenizer(path: Path, log) -> None:
+    """The checks inference.py makes, a strict load, encode 1 s (Boson's padding rule) and decode."""
+    import numpy as np
+    import torch
+    from transformers import HiggsAudioV2TokenizerModel
+    from transformers.utils import logging as hf_logging
+
+    inference.check_tokenizer_dir(path)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = HiggsAudioV2TokenizerModel.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity_warning()
+    problems = {k: v for k, v in info.items() if v}
+    if problems:
+        raise UserError(f"verification: the converted tokenizer does not load cleanly: {problems}")
+    model.eval()
+    shim = type("TokenizerOnly", (), {"audio_tokenizer": model, "device": torch.device("cpu")})()
+    wave = (0.1 * np.sin(2 * np.pi * 220 * np.arange(24000) / 24000)).astype(np.float32)
+    codes = inference.Engine.encode_audio(shim, wave)
+    with torch.no_grad():
+        audio = model.decode(codes[None]).audio_values
+    n_q = model.config.num_quantizers
+    if codes.shape[0] != n_q or not torch.isfinite(audio).all():
+        raise UserError(f"verification: encode gave {tuple(codes.shape)}, decode finite {bool(torch.isfinite(audio).all())}")
+    log(f"  verified: strict load, {n_q} quantizers at hop {model.config.hop_length}; "
+        f"encode 1 s -> codes {tuple(codes.shape)}, decode -> {audio.shape[-1]} samples")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def detect_kind(src: Path) -> tuple[str, bool]:
+    """(kind, is_native) from the folder's files."""
+    if not src.is_dir():
+        raise UserError(f"--src {src}: not a folder")
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"--src {src}: no config.json (not a Higgs Audio checkpoint folder)")
+    cfg = inference.read_json(cfg_path)
+    model_type = cfg.get("model_type")
+    if model_type == "higgs_audio":
+        return "model", False
+    if model_type == "higgs_audio_v2":
+        return "model", True
+    if model_type == "higgs_audio_v2_tokenizer":
+        return "tokenizer", True
+    if (src / "model.pth").is_file() or all(k in cfg for k in ORIGINAL_TOKENIZER_KEYS):
+        if not (src / "model.pth").is_file():
+            raise UserError(f"--src {src}: an original audio-tokenizer config.json without model.pth")
+        return "tokenizer", False
+    raise UserError(f"--src {src}: config.json has model_type {model_type!r}; expected Boson's original "
+                    "generation model (higgs_audio) or audio tokenizer (config.json + model.pth)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Convert Boson's ORIGINAL Higgs Audio V2 generation model or audio tokenizer into the "
+                    "transformers-native folders that inference.py loads.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--src", required=True, help="folder with the original checkpoint (config.json + safetensors "
+                   "shards for the model; config.json + model.pth for the audio tokenizer)")
+    p.add_argument("--dst", required=True, help="output folder (created; use it as --model_path / --tokenizer_path)")
+    p.add_argument("--kind", choices=("auto", "model", "tokenizer"), default="auto",
+                   help="what --src holds; auto detects it from the files")
+    p.add_argument("--dry-run", action="store_true", help="print the key mapping and what is dropped; write nothing")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --dst")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip loading the result and running one forward before it is moved into place")
+    p.add_argument("--keep-text-head", action="store_true",
+                   help="keep the text LM head (text_lm_head.weight; not needed for speech, dropped by default)")
+    return p
+
+
+def convert(args, log) -> int:
+    src, dst = Path(args.src), Path(args.dst)
+    kind, native = detect_kind(src)
+    if args.kind != "auto" and args.kind != kind:
+        raise UserError(f"--kind {args.kind}, but {src} holds a {'native' if native else 'original'} {kind}")
+    if native:
+        log(f"{src} is already a transformers-native {kind} folder: nothing to convert")
+        (inference.check_model_dir if kind == "model" else inference.check_tokenizer_dir)(src)
+        if not args.no_verify:
+            (verify_model if kind == "model" else verify_tokenizer)(src, log)
+        log(f"{src} is valid; use it as --{'model_path' if kind == 'model' else 'tokenizer_path'} (not rewritten)")
+        return 0
+    if dst.resolve() == src.resolve():
+        raise UserError("--dst must differ from --src")
+    dst_busy = dst.exists() and (not dst.is_dir() or any(dst.iterdir()))
+    if dst_busy and not args.force and not args.dry_run:
+        raise UserError(f"--dst {dst} exists and is not empty; pass --force to replace it")
+    if args.keep_text_head and kind != "model":
+        raise UserError("--keep-text-head applies to the generation model only")
+
+    import torch  # noqa: F401  (baseline RSS includes torch + transformers)
+    import transformers  # noqa: F401
+
+    baseline = peak_rss_bytes()
+    t0 = time.perf_counter()
+    log(f"Source: Boson's original {kind} at {src} ({human(sum(f.stat().st_size for f in src.iterdir() if f.is_file()))})")
+    plan = plan_model(src, args.keep_text_head) if kind == "model" else plan_tokenizer(src)
+    for note in plan.notes:
+        log(f"note: {note}")
+    total = sum(t.nbytes for t in plan.targets)
+    if args.dry_run:
+        plan.print_mapping(log)
+        log(f"Dry run: {len(plan.targets)} tensors ({human(total)}) would be written to {dst}; nothing written"
+            + (f" (note: {dst} is not empty: --force would be needed)" if dst_busy else ""))
+        return 0
+    log(f"Dropped {len(plan.dropped)} source tensor(s): "
+        + ", ".join(sorted({reason.split(' (')[0].split(',')[0] for _, reason in plan.dropped})) if plan.dropped
+        else "Dropped no source tensor")
+    parent = dst.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{dst.name}.converting-"))
+    except OSError as e:
+        raise UserError(f"--dst {dst}: cannot create it ({e.strerror})") from None
+    try:
+        log(f"Writing {len(plan.targets)} tensors ({human(total)}) into {tmp.name} ...")
+        (write_model_folder if kind == "model" else write_tokenizer_folder)(plan, tmp, log)
+        peak = peak_rss_bytes()
+        log(f"Peak RSS while converting: {human(peak)} (baseline after imports {human(baseline)}, "
+            f"source {human(plan.source_bytes)}); {time.perf_counter() - t0:.1f}s")
+        if not args.no_verify:
+            (verify_model if kind == "model" else verify_tokenizer)(tmp, log)
+        old = None
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{dst.name}.old-"))
+            os.rmdir(old)
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"Done: {dst} (use it as --{'model_path' if kind == 'model' else 'tokenizer_path'})")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    try:
+        return convert(args, log)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); nothing was moved into --dst", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
