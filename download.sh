@@ -460,11 +460,10 @@ convert_repo() {
     must disk "$need" "$staging" "$weights" "$target"
     fetch_repo "$kind-original" "$repo" "$commit" "$staging"
     echo "    converting $staging -> $target"
-    [ -d "$target" ] && helper ungate "$target"
-    if ! "$PYTHON" "$SCRIPT_DIR/convert_weights.py" --kind "$kind" --src "$staging" --dst "$target" --force \
-        >"$WORK/$kind-convert.log" 2>&1; then
-        cat "$WORK/$kind-convert.log" >&2
-        [ -d "$target" ] && helper ungate "$target"
+    if [ -d "$target" ]; then helper ungate "$target"; fi
+    if ! "$PYTHON" "$SCRIPT_DIR/convert_weights.py" --kind "$kind" --src "$staging" --dst "$target" --force 2>&1 \
+        | tee "$WORK/$kind-convert.log"; then
+        if [ -d "$target" ]; then helper ungate "$target"; fi
         die "convert_weights.py --kind $kind failed: $(grep -v '^\s*$' "$WORK/$kind-convert.log" | tail -n 1 | cut -c1-160)"
     fi
     why=$(helper check "$kind" "$target" "$SCRIPT_DIR" 2>&1) || die "converted $kind in $target is not loadable: $why"

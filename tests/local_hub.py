@@ -12,7 +12,8 @@ files_metadata=True)` call for a model repo:
 Repos are folders on disk. Every request is recorded in `hub.requests`. Knobs:
 `hub.cut[path] = n` sends the first n bytes of that file and drops the connection,
 then refuses that file outright (so the client's own retries fail too) until the
-knob is cleared, or with `hub.refuse_after_cut = False` serves the retries; `hub.tokens[repo] = "secret"` makes the repo private.
+knob is cleared, or with `hub.refuse_after_cut = False` serves the retries;
+`hub.gated.add(repo)` answers like a gated repo whose terms were not accepted; `hub.tokens[repo] = "secret"` makes the repo private.
 """
 
 from __future__ import annotations
@@ -60,19 +61,20 @@ class Request:
 class LocalHub:
     repos: dict[str, dict[str, Repo]] = field(default_factory=dict)  # repo -> {revision name or sha: Repo}
     tokens: dict[str, str] = field(default_factory=dict)
+    gated: set[str] = field(default_factory=set)  # terms not accepted: 401 without a token, 403 with one
     cut: dict[str, int] = field(default_factory=dict)
     cut_served: set[str] = field(default_factory=set)
     refuse_after_cut: bool = True
     requests: list[Request] = field(default_factory=list)
 
-    def add_repo(self, repo_id: str, folder: str | Path, revisions=("main",)) -> Repo:
+    def add_repo(self, repo_id: str, folder: str | Path, revisions=("main",), commit: str | None = None) -> Repo:
         folder = Path(folder)
         files = {
             str(p.relative_to(folder)): p.read_bytes()
             for p in sorted(folder.rglob("*"))
             if p.is_file() and ".cache" not in p.relative_to(folder).parts
         }
-        commit = hashlib.sha1(repo_id.encode() + b"".join(files.values())).hexdigest()
+        commit = commit or hashlib.sha1(repo_id.encode() + b"".join(files.values())).hexdigest()
         repo = Repo(commit, files)
         refs = self.repos.setdefault(repo_id, {})
         refs[commit] = repo
@@ -141,6 +143,10 @@ class _Handler(BaseHTTPRequestHandler):
             # what huggingface.co answers for a repo that does not exist (or is hidden)
             self._error(401 if not self.headers.get("Authorization") else 404, "RepoNotFound",
                         "Repository not found", head)
+            return None
+        if repo_id in self.hub.gated:
+            authed = bool(self.headers.get("Authorization"))
+            self._error(403 if authed else 401, "GatedRepo", "Access to this model is restricted", head)
             return None
         want = self.hub.tokens.get(repo_id)
         if want is not None:

@@ -150,11 +150,11 @@ def test_complete_folder_is_verified_not_trusted(downloaded, tmp_path):
 
 def test_interrupted_download_is_refused_then_resumes(hub, tmp_path, tiny_ckpt):
     """Connection dropped mid-shard: exit != 0, inference.py refuses the folder, the re-run
-    fetches only what is missing. (Custom folders, both flag spellings.)"""
+    fetches only what is missing."""
     shard = "model-00002-of-00003.safetensors"
     total = sum(p.stat().st_size for p in tiny_ckpt[0].iterdir())
     hub.cut[shard] = 300_000  # send 300 kB, drop the connection, refuse the client's retries
-    args = ("--model_dir", "m", "--tokenizer-dir=t")
+    args = ("--model_dir", "m", "--only", "model")
     proc = run_download(tmp_path, hub.url, *args)
     assert proc.returncode != 0
     line = error_line(proc)
@@ -165,7 +165,6 @@ def test_interrupted_download_is_refused_then_resumes(hub, tmp_path, tiny_ckpt):
     assert not (model_dir / "config.json").exists() and not (model_dir / "model.safetensors.index.json").exists()
     assert not (model_dir / shard).exists()
     assert (model_dir / "model-00001-of-00003.safetensors").exists()
-    assert not (tmp_path / "t").exists()  # stopped at the first failure
 
     hub.cut.clear()
     before = len(hub.requests)
@@ -178,23 +177,24 @@ def test_interrupted_download_is_refused_then_resumes(hub, tmp_path, tiny_ckpt):
     model_bytes_second = sum(r.sent for r in second if f"/{MODEL_REPO}/" in r.path)
     assert model_bytes_second < total / 2, (model_bytes_second, total)
     assert_same_files(tiny_ckpt[0], model_dir)
-    assert_same_files(tiny_ckpt[1], tmp_path / "t")
-    assert proc.stdout.rstrip().splitlines()[-1].strip() == (
-        'python3 inference.py --text "Hello there." --model_path m --tokenizer_path t')
+    inference.check_model_dir(model_dir)
+    assert proc.stdout.rstrip().splitlines()[-1].strip() == 'python3 inference.py --text "Hello there." --model_path m'
 
 
 def test_dropped_connection_resumes_with_range(hub, tmp_path):
     """Within a run, huggingface_hub resumes a dropped transfer with a Range request
-    (it writes 10 MiB chunks, so the file must be bigger than that)."""
+    (it writes 10 MiB chunks, so the file must be bigger than that). Private repo + HF_TOKEN."""
     repo = tmp_path / "repo"
     repo.mkdir()
     data = os.urandom(21 * 2**20)
     (repo / "big.safetensors").write_bytes(data)
     (repo / "config.json").write_text("{}")
     hub.add_repo("acme/big", repo)
+    hub.tokens["acme/big"] = "hf_right"  # private: HF_TOKEN must reach every request
     hub.cut["big.safetensors"] = 15 * 2**20
     hub.refuse_after_cut = False
-    proc = run_download(tmp_path, hub.url, "--only", "model", "--model-repo", "acme/big", "--model-dir", "big")
+    proc = run_download(tmp_path, hub.url, "--only", "model", "--model-repo", "acme/big", "--model-dir", "big",
+                        env={"HF_TOKEN": "hf_right"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     gets = [r for r in hub.resolve_requests("GET") if r.path.endswith("big.safetensors")]
     assert [r.range for r in gets] == [None, f"bytes={10 * 2**20}-"]
@@ -214,10 +214,12 @@ def test_repo_not_found_404(hub, tmp_path):
 
 
 def test_revision_not_found_404(hub, tmp_path):
-    proc = run_download(tmp_path, hub.url, "--tokenizer-revision", "v9.9", "--only", "tokenizer")
+    proc = run_download(tmp_path, hub.url, "--tokenizer-revision", "v9.9", "--only", "tokenizer", "--tokenizer-dir=t")
     assert proc.returncode != 0
     line = error_line(proc)
     assert "revision 'v9.9' not found" in line and "404" in line, line
+    assert f"==> tokenizer: {TOKENIZER_REPO}@v9.9 -> t" in proc.stdout
+    assert not (tmp_path / "t").exists()
     assert hub.resolve_requests() == []
 
 
@@ -229,15 +231,21 @@ def test_private_repo_without_token_401(hub, tmp_path):
     assert "401" in line and "HF_TOKEN" in line, line
 
 
-def test_wrong_token_401_and_right_token_works(hub, tmp_path):
+def test_wrong_token_401(hub, tmp_path):
     hub.tokens[MODEL_REPO] = "hf_right"
     proc = run_download(tmp_path, hub.url, "--only", "model", env={"HF_TOKEN": "hf_wrong"})
     assert proc.returncode != 0
     line = error_line(proc)
     assert "401" in line and "token" in line, line
-    proc = run_download(tmp_path, hub.url, "--only", "model", env={"HF_TOKEN": "hf_right"})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    inference.check_model_dir(tmp_path / "model_cache")
+    assert hub.resolve_requests() == []
+
+
+def test_gated_repo_403(hub, tmp_path):
+    hub.gated.add(TOKENIZER_REPO)
+    proc = run_download(tmp_path, hub.url, "--only", "tokenizer", env={"HF_TOKEN": "hf_someone"})
+    assert proc.returncode != 0
+    line = error_line(proc)
+    assert f"{TOKENIZER_REPO} is gated (HTTP 403)" in line and "HF_TOKEN" in line, line
 
 
 def test_unreachable_endpoint(tmp_path):
@@ -273,3 +281,176 @@ def test_help_and_bad_flags(tmp_path):
         assert flag in proc.stdout, flag
     proc = subprocess.run(["bash", str(DOWNLOAD), "--model-dirr", "x"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode != 0 and "unknown option --model-dirr" in error_line(proc)
+
+
+# --------------------------------------------------------------------------- --original
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "boson"
+NATIVE_TO_ORIGINAL = [  # the reverse of convert_weights.py's key mapping, enough for the tiny model
+    ("model.embed_audio_tokens.embed_audio_tokens.weight", "audio_codebook_embeddings.weight"),
+    ("audio_lm_head.weight", "audio_decoder_proj.audio_lm_head.weight"),
+    ("model.embed_tokens.", "embed_tokens."),
+    ("model.layers.", "layers."),
+    ("model.norm.", "norm."),
+]
+
+
+def original_layout_model(native: Path, out: Path) -> Path:
+    """Boson's original model layout rebuilt from a native tiny checkpoint (used when
+    tests/fixtures/boson/model is absent)."""
+    from safetensors.torch import load_file, save_file
+
+    def rename(key: str) -> str:
+        for old, new in NATIVE_TO_ORIGINAL:
+            if key.startswith(old):
+                return new + key[len(old):]
+        raise KeyError(key)
+
+    out.mkdir(parents=True)
+    index = json.loads((native / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        save_file({rename(k): v for k, v in load_file(native / shard).items()}, out / shard, metadata={"format": "pt"})
+    index["weight_map"] = {rename(k): v for k, v in index["weight_map"].items()}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    cfg = json.loads((native / "config.json").read_text())
+    text_keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "hidden_act",
+                 "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id")
+    text_config = {k: cfg[k] for k in text_keys if k in cfg}
+    text_config.update(model_type="llama", rope_scaling=cfg["rope_parameters"],
+                       rope_theta=cfg["rope_parameters"]["rope_theta"])
+    original = {
+        "architectures": ["HiggsAudioModel"], "model_type": "higgs_audio", "text_config": text_config,
+        "audio_adapter_type": "dual_ffn_fast_forward", "audio_dual_ffn_layers": list(range(cfg["num_hidden_layers"])),
+        "audio_num_codebooks": cfg["num_codebooks"], "audio_codebook_size": cfg["codebook_size"] - 2,
+        "audio_stream_bos_id": cfg["audio_stream_bos_id"], "audio_stream_eos_id": cfg["audio_stream_eos_id"],
+        "audio_out_bos_token_id": cfg["audio_bos_token_id"], "audio_out_token_idx": cfg["audio_token_id"],
+        "use_delay_pattern": True, "pad_token_id": cfg["pad_token_id"], "torch_dtype": "bfloat16",
+    }
+    (out / "config.json").write_text(json.dumps(original, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(native / name, out / name)
+    return out
+
+
+STUB_CONVERTER = '''
+import argparse, json, os, shutil, sys
+from pathlib import Path
+p = argparse.ArgumentParser()
+p.add_argument("--kind"); p.add_argument("--src"); p.add_argument("--dst"); p.add_argument("--force", action="store_true")
+a = p.parse_args()
+with open(os.environ["STUB_LOG"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+src, dst = Path(a.src), Path(a.dst)
+if a.kind == "model":
+    assert json.loads((src / "config.json").read_text())["model_type"] == "higgs_audio"
+else:
+    assert (src / "model.pth").is_file()
+if os.environ.get("STUB_FAIL"):
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(os.environ["STUB_NATIVE_" + a.kind.upper()]) / "config.json", dst / "config.json")
+    sys.exit("boom: tensor layers.0.mlp.up_proj.weight has the wrong shape")
+if dst.exists():
+    assert a.force
+    shutil.rmtree(dst)
+shutil.copytree(os.environ["STUB_NATIVE_" + a.kind.upper()], dst)
+print(f"converted {a.kind}: {src} -> {dst}")
+'''
+
+
+@pytest.fixture
+def original_hub(tiny_ckpt, tmp_path):
+    """A hub serving Boson's original layouts at the pinned commits."""
+    model_src = FIXTURES / "model"
+    if not (model_src / "config.json").is_file():
+        model_src = original_layout_model(tiny_ckpt[0], tmp_path / "orig_model")
+    tok_src = FIXTURES / "tokenizer"
+    if not (tok_src / "model.pth").is_file():
+        tok_src = None
+    hub = LocalHub()
+    hub.add_repo(MODEL_REPO, model_src, revisions=(), commit=PINNED_MODEL)
+    if tok_src is not None:
+        hub.add_repo(TOKENIZER_REPO, tok_src, revisions=(), commit=PINNED_TOKENIZER)
+    hub.start()
+    yield hub, model_src, tok_src
+    hub.stop()
+
+
+def test_original_flow_with_stub_converter(original_hub, tiny_ckpt, tmp_path):
+    """--original's plumbing (pinned revisions, staging, converter call, checks, re-run, failure),
+    with a stand-in converter next to a copy of download.sh."""
+    hub, model_src, tok_src = original_hub
+    if tok_src is None:  # no tokenizer fixture yet: serve a minimal original-layout tokenizer repo
+        tok_src = tmp_path / "orig_tok"
+        tok_src.mkdir()
+        shutil.copy(tiny_ckpt[1] / "config.json", tok_src / "config.json")
+        (tok_src / "model.pth").write_bytes(os.urandom(4096))
+        hub.add_repo(TOKENIZER_REPO, tok_src, revisions=(), commit=PINNED_TOKENIZER)
+    app = tmp_path / "app"
+    app.mkdir()
+    shutil.copy(DOWNLOAD, app / "download.sh")
+    shutil.copy(ROOT / "inference.py", app / "inference.py")
+    (app / "convert_weights.py").write_text(STUB_CONVERTER)
+    log = tmp_path / "stub.log"
+    env = {"STUB_LOG": str(log), "STUB_NATIVE_MODEL": str(tiny_ckpt[0]), "STUB_NATIVE_TOKENIZER": str(tiny_ckpt[1])}
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def run(*args, **extra):
+        full = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HIGGS_"))}
+        full.update(HF_ENDPOINT=hub.url, HF_HOME=str(work / "hf_home"), HF_HUB_DISABLE_XET="1", **env, **extra)
+        return subprocess.run(["bash", str(app / "download.sh"), "--original", *args], cwd=work, env=full,
+                              capture_output=True, text=True, timeout=120)
+
+    proc = run("--keep-staging")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls == [
+        ["--kind", "model", "--src", "./original_cache/model", "--dst", "./model_cache", "--force"],
+        ["--kind", "tokenizer", "--src", "./original_cache/tokenizer", "--dst", "./tokenizer_cache", "--force"],
+    ]
+    infos = [r.path for r in hub.requests if r.path.startswith("/api/models/") and "/revision/" in r.path]
+    assert infos and all(PINNED_MODEL in p or PINNED_TOKENIZER in p for p in infos), infos
+    assert (work / "original_cache" / "model" / "config.json").is_file()  # --keep-staging
+    assert "kept the original download in ./original_cache/model" in proc.stdout
+    inference.check_model_dir(work / "model_cache")
+    inference.check_tokenizer_dir(work / "tokenizer_cache")
+    assert proc.stdout.rstrip().splitlines()[-1].strip() == 'python3 inference.py --text "Hello there."'
+
+    before = len(hub.requests)
+    proc = run()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("already holds a verified conversion") == 2
+    assert hub.requests[before:] == [] and len(log.read_text().splitlines()) == 2
+
+    # a converter failure: exit != 0, its last line as the reason, the target refused
+    before = len(hub.requests)
+    proc = run("--only", "model", "--model-dir", "m2", STUB_FAIL="1")
+    assert proc.returncode != 0
+    assert error_line(proc) == ("error: convert_weights.py --kind model failed: "
+                                "boom: tensor layers.0.mlp.up_proj.weight has the wrong shape")
+    with pytest.raises(inference.UserError):
+        inference.check_model_dir(work / "m2")
+    assert hub.resolve_requests()[before:] == []  # the kept staging folder was verified and reused
+    assert (work / "original_cache" / "model" / "config.json").is_file()
+
+
+@pytest.mark.skipif(not (ROOT / "convert_weights.py").is_file(), reason="convert_weights.py not written yet")
+def test_original_with_real_converter(original_hub, tiny_ckpt, tmp_path):
+    hub, model_src, tok_src = original_hub
+    args = ["--original"] + ([] if tok_src is not None else ["--only", "model"])
+    proc = run_download(tmp_path, hub.url, *args, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (tmp_path / "original_cache").exists()  # removed after a good conversion
+    tok_dir = tmp_path / "tokenizer_cache" if tok_src is not None else tiny_ckpt[1]
+    engine = inference.load_engine(tmp_path / "model_cache", tok_dir, device="cpu", dtype="float32")
+    if model_src != FIXTURES / "model":  # rebuilt from the tiny native checkpoint: must round-trip exactly
+        import torch
+        from transformers import HiggsAudioV2ForConditionalGeneration
+
+        ref = HiggsAudioV2ForConditionalGeneration.from_pretrained(tiny_ckpt[0], dtype=torch.float32)
+        got = engine.model.state_dict()
+        for key, value in ref.state_dict().items():
+            assert torch.equal(got[key].float(), value.float()), key
+    proc = run_download(tmp_path, hub.url, *args)
+    assert proc.returncode == 0 and "already holds a verified conversion" in proc.stdout
