@@ -360,7 +360,8 @@ class Engine:
         self.dtype_reason = dtype_reason
         self.load_seconds = load_seconds
         self.chat_template = processor.chat_template
-        self.graph = "auto"  # decode step capture: auto (on for cuda/npu) | on | off
+        self.graph = "auto"  # decode step capture: auto (on for cuda/npu) | on | off | compile
+        self.compile_backend = "inductor"  # for graph == "compile"
 
     # ---------------- sizes for the report
     @property
@@ -494,46 +495,38 @@ class Engine:
 
     def generate(self, prompts: list[Prompt], params: SamplingParams, seeds: list[int],
                  progress: bool = False, forced_frames: int | None = None):
-        """Prefill, then decode frame by frame with Boson's sampling rules.
+        """Prefill (eager), then decode frame by frame with Boson's sampling rules.
 
-        Returns (list[Generation], timings dict). `forced_frames` runs exactly that many
-        frames whatever EOS says (benchmarks).
+        Every decode step has static shapes and no host sync, so on cuda/npu it is
+        captured once as a graph and replayed. Returns (list[Generation], timings);
+        `forced_frames` runs exactly that many frames whatever EOS says (benchmarks).
         """
         import torch
         from transformers import StaticCache
 
         params.validate()
         cfg = self.config
-        num_cb, vocab = cfg.num_codebooks, cfg.codebook_size
+        num_cb = cfg.num_codebooks
         batch = len(prompts)
         device = self.device
         max_frames = forced_frames or params.max_new_tokens
         input_ids, mask, position_ids, audio, audio_mask = self._batch_inputs(prompts)
         prompt_len = input_ids.shape[1]
-        cache_len = prompt_len + max_frames
-        cache = StaticCache(config=cfg, max_cache_len=cache_len)
-        full_mask = torch.ones((batch, cache_len), dtype=torch.long)
+        cache = StaticCache(config=cfg, max_cache_len=prompt_len + max_frames)
+        # One mask as long as the cache: left padding masked, causality comes from the cache slot.
+        full_mask = torch.ones((batch, prompt_len + max_frames), dtype=torch.long)
         full_mask[:, :prompt_len] = mask
         full_mask = full_mask.to(device)
-        next_pos = position_ids[:, -1:].to(device) + 1
 
-        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         window = torch.full((batch, max(params.ras_win_len, 1), num_cb), -1, dtype=torch.long)
         if audio is not None and params.ras:
             # the original's RAS window also sees the reference audio frames before frame 0
             for i, p in enumerate(prompts):
                 tail = p.audio_input_ids[-params.ras_win_len:]
                 window[i, window.shape[1] - tail.shape[0]:] = tail
-        state = DecodeState(
-            num_delay=torch.zeros(batch, dtype=torch.long, device=device),
-            remaining=torch.full((batch,), -1, dtype=torch.long, device=device),
-            finished=torch.zeros(batch, dtype=torch.bool, device=device),
-            n_frames=torch.full((batch,), max_frames, dtype=torch.long, device=device),
-            window=window.to(device),
-        )
-        out_codes = torch.empty((batch, max_frames, num_cb), dtype=torch.long, device=device)
-        frame = torch.full((batch, num_cb), cfg.audio_stream_bos_id, dtype=torch.long, device=device)
-        out_codes[:, 0] = frame  # frame 0: all BOS, the prefill logits are not sampled (as the original)
+        bufs = DecodeBuffers.create(batch, num_cb, cfg.codebook_size, max_frames, device, cfg.audio_stream_bos_id,
+                                    position_ids[:, -1:] + 1, full_mask, window, sampled=not params.greedy or params.ras)
+        noise = NoiseSource(seeds, num_cb, cfg.codebook_size, device) if bufs.noise is not None else None
 
         timings = {}
         synchronize(device)
@@ -552,6 +545,12 @@ class Engine:
         synchronize(device)
         timings["prefill_s"] = time.perf_counter() - t0
 
+        step_fn = self._compiled_step() if self.graph == "compile" else decode_step
+
+        def step():
+            step_fn(self.model, cache, bufs, params, cfg)
+
+        runner = StepRunner(step, device, self.graph_enabled())
         bar = None
         if progress and max_frames > 1:
             from tqdm import tqdm
@@ -561,39 +560,26 @@ class Engine:
         t1 = time.perf_counter()
         with torch.no_grad():
             for t in range(1, max_frames):
-                state.window = torch.cat([state.window[:, 1:], frame[:, None]], dim=1)
-                noise, ras_noise = (_placed_noise(n, device) for n in self._noise(generators, params, num_cb, vocab))
-                out = self.model(
-                    audio_input_ids=frame[:, None, :],
-                    attention_mask=full_mask[:, : prompt_len + t],
-                    position_ids=next_pos,
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                logits = out.logits[:, -1].float().reshape(batch, num_cb, vocab)
-                codes, new_state, done_now = sample_frame(logits, state, params, noise, ras_noise, cfg)
-                # rows that finished earlier stop changing: they keep emitting EOS
-                codes = torch.where(state.finished[:, None], cfg.audio_stream_eos_id, codes)
-                new_state.n_frames = torch.where(done_now & ~state.finished, t + 1, state.n_frames)
-                new_state.finished = state.finished | done_now
-                state = new_state
-                out_codes[:, t] = codes
-                frame = codes
-                next_pos = next_pos + 1
+                if noise is not None:
+                    noise.fill(bufs, t)
+                runner.run()
                 steps += 1
                 if bar is not None:
                     bar.update(1)
-                if forced_frames is None and t % FINISHED_CHECK_EVERY == 0 and bool(state.finished.all()):
+                if forced_frames is None and t % FINISHED_CHECK_EVERY == 0 and bool(bufs.finished.all()):
                     break
         synchronize(device)
         if bar is not None:
             bar.close()
         timings["decode_s"] = time.perf_counter() - t1
         timings["decode_steps"] = steps
+        timings["graph"] = "compile" if self.graph == "compile" else runner.mode
+        self.last_graph_mode = runner.mode
 
-        n_frames = state.n_frames.cpu().tolist()
-        finished = state.finished.cpu().tolist()
-        codes_cpu = out_codes.cpu()
+        n_frames = bufs.n_frames.cpu().tolist()
+        finished = bufs.finished.cpu().tolist()
+        codes_cpu = bufs.out_codes.cpu()
+        # frames past a row's EOS (checked only every few frames) are trimmed here
         kept = [steps + 1 if forced_frames else min(n_frames[i], steps + 1) for i in range(batch)]
         results = [
             Generation(codes=codes_cpu[i, : kept[i]], finished=bool(finished[i]), seed=int(seeds[i]))
@@ -601,19 +587,190 @@ class Engine:
         ]
         return results, timings
 
-    @staticmethod
-    def _noise(generators, params: SamplingParams, num_cb: int, vocab: int):
+    def graph_enabled(self) -> bool:
+        if self.graph in ("off", "compile") or self.device.type == "cpu":
+            return False
+        return self.graph in ("on", "auto")
+
+    def _compiled_step(self):
+        """torch.compile(fullgraph=True) of the step: fails loudly on any host sync or graph break."""
         import torch
 
-        if params.greedy and not params.ras:
-            return None, None
-        noise = torch.stack([torch.empty(num_cb, vocab).exponential_(generator=g) for g in generators])
-        ras_noise = torch.stack([torch.empty(num_cb, vocab).exponential_(generator=g) for g in generators])
-        return noise, ras_noise
+        if getattr(self, "_compiled", None) is None:
+            self._compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, backend=self.compile_backend)
+        return self._compiled
 
 
-def _placed_noise(noise, device):
-    return None if noise is None else noise.to(device, non_blocking=True)
+@dataclass
+class DecodeBuffers:
+    """Static tensors one decode step reads and updates in place (what a graph replays on)."""
+
+    frame: object  # [B, C] codes fed to the model
+    position_ids: object  # [B, 1]
+    attention_mask: object  # [B, cache_len]
+    noise: object  # [B, C, V] exponential noise for sampling, or None when nothing is random
+    ras_noise: object  # [B, C, V]
+    num_delay: object
+    remaining: object
+    finished: object
+    n_frames: object
+    window: object
+    out_codes: object  # [B, max_frames, C]
+    t: object  # 0-d: index of the frame the next step writes
+
+    @classmethod
+    def create(cls, batch, num_cb, vocab, max_frames, device, bos, next_positions, full_mask, window, sampled):
+        import torch
+
+        out_codes = torch.full((batch, max_frames, num_cb), bos, dtype=torch.long, device=device)
+        return cls(
+            frame=torch.full((batch, num_cb), bos, dtype=torch.long, device=device),  # frame 0: all BOS
+            position_ids=next_positions.to(device),
+            attention_mask=full_mask,
+            noise=torch.ones((batch, num_cb, vocab), device=device) if sampled else None,
+            ras_noise=torch.ones((batch, num_cb, vocab), device=device) if sampled else None,
+            num_delay=torch.zeros(batch, dtype=torch.long, device=device),
+            remaining=torch.full((batch,), -1, dtype=torch.long, device=device),
+            finished=torch.zeros(batch, dtype=torch.bool, device=device),
+            n_frames=torch.full((batch,), max_frames, dtype=torch.long, device=device),
+            window=window.to(device),
+            out_codes=out_codes,
+            t=torch.ones((), dtype=torch.long, device=device),
+        )
+
+
+def decode_step(model, cache, bufs: DecodeBuffers, params: SamplingParams, cfg) -> None:
+    """Forward one frame through the model, sample the next one, update `bufs` in place.
+
+    Static shapes, no host sync, no random op: safe to capture as a CUDA/NPU graph and
+    to compile with torch.compile(fullgraph=True).
+    """
+    import torch
+
+    batch, num_cb = bufs.frame.shape
+    out = model(
+        audio_input_ids=bufs.frame[:, None, :],
+        attention_mask=bufs.attention_mask,
+        position_ids=bufs.position_ids,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    logits = out.logits[:, -1].float().reshape(batch, num_cb, cfg.codebook_size)
+    window = torch.cat([bufs.window[:, 1:], bufs.frame[:, None]], dim=1)  # RAS sees the frame just fed
+    state = DecodeState(bufs.num_delay, bufs.remaining, bufs.finished, bufs.n_frames, window)
+    codes, new, done_now = sample_frame(logits, state, params, bufs.noise, bufs.ras_noise, cfg)
+    # rows that finished earlier stop changing: they keep emitting EOS
+    codes = torch.where(bufs.finished[:, None], cfg.audio_stream_eos_id, codes)
+    bufs.n_frames.copy_(torch.where(done_now & ~bufs.finished, bufs.t + 1, bufs.n_frames))
+    bufs.finished.copy_(bufs.finished | done_now)
+    bufs.num_delay.copy_(new.num_delay)
+    bufs.remaining.copy_(new.remaining)
+    bufs.window.copy_(window)
+    bufs.out_codes.index_copy_(1, bufs.t.reshape(1), codes[:, None, :])
+    bufs.frame.copy_(codes)
+    bufs.position_ids.add_(1)
+    bufs.t.add_(1)
+
+
+class NoiseSource:
+    """Exponential noise from one seeded CPU generator per row: same draws on every device.
+
+    Drawn `chunk` frames at a time and copied to the device in one transfer.
+    """
+
+    def __init__(self, seeds, num_cb, vocab, device, chunk=32):
+        import torch
+
+        self.generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        self.shape = (num_cb, vocab)
+        self.device = device
+        self.chunk = chunk
+        self.pin = device.type in ("cuda", "npu")
+        self.block = None
+        self.block_start = None
+
+    def fill(self, bufs: DecodeBuffers, t: int) -> None:
+        import torch
+
+        if self.block is None or t - self.block_start >= self.chunk:
+            # per row: chunk frames x (sampling, RAS) noise, in a fixed order
+            draws = torch.stack([torch.empty(self.chunk, 2, *self.shape).exponential_(generator=g)
+                                 for g in self.generators], dim=1)  # [chunk, B, 2, C, V]
+            if self.pin:
+                draws = draws.pin_memory()
+            self.block = draws.to(self.device, non_blocking=True)
+            self.block_start = t
+        k = t - self.block_start
+        bufs.noise.copy_(self.block[k, :, 0])
+        bufs.ras_noise.copy_(self.block[k, :, 1])
+
+
+class StepRunner:
+    """Runs the decode step eagerly, or captures it once as a CUDA/NPU graph and replays it.
+
+    The first frames run eagerly on a side stream (they are real frames, and warm up the
+    kernels); the next call is captured. A capture failure falls back to eager with one
+    warning line.
+    """
+
+    WARMUP = 2
+
+    def __init__(self, step, device, enabled: bool):
+        self.step = step
+        self.device = device
+        self.mode = "off"
+        self.graph = None
+        self.calls = 0
+        self.api = graph_api(device) if enabled else None
+        if enabled and self.api is None:
+            print(f"warning: no graph API for {device}; decoding eagerly", file=sys.stderr)
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if self.api is None:
+            self.step()
+            return
+        graph_cls, graph_ctx, stream_cls, stream_ctx, current_stream = self.api
+        self.calls += 1
+        if self.calls <= self.WARMUP:
+            side = stream_cls()
+            side.wait_stream(current_stream())
+            with stream_ctx(side):
+                self.step()
+            current_stream().wait_stream(side)
+            return
+        try:
+            graph = graph_cls()
+            with graph_ctx(graph):
+                self.step()
+        except Exception as e:  # capture is best effort: eager decoding is always correct
+            print(f"warning: graph capture failed on {self.device} ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}); decoding eagerly", file=sys.stderr)
+            self.api = None
+            synchronize(self.device)
+            self.step()
+            return
+        self.graph = graph
+        self.mode = "on"
+        graph.replay()  # capture records without running: run this frame now
+
+
+def graph_api(device):
+    """(Graph, graph context, Stream, stream context, current_stream) for cuda or npu."""
+    import torch
+
+    if device.type == "cuda":
+        m = torch.cuda
+    elif device.type == "npu":
+        m = torch.npu  # torch_npu mirrors the CUDA graph API: NPUGraph, torch.npu.graph
+    else:
+        return None
+    graph_cls = getattr(m, "CUDAGraph", None) or getattr(m, "NPUGraph", None)
+    if graph_cls is None or not hasattr(m, "graph"):
+        return None
+    return graph_cls, m.graph, m.Stream, m.stream, m.current_stream
 
 
 def load_engine(model_path, tokenizer_path, device=None, dtype=None, log=None, graph="auto") -> Engine:
@@ -675,6 +832,8 @@ def load_engine(model_path, tokenizer_path, device=None, dtype=None, log=None, g
         chat_template=(model_path / "chat_template.jinja").read_text(), **token_args,
     )
     engine = Engine(model, processor, audio_tokenizer, device, torch_dtype, reason, time.perf_counter() - t0)
+    if graph not in ("auto", "on", "off", "compile"):
+        raise UserError(f"--graph {graph}: expected auto, on, off or compile")
     engine.graph = graph
     return engine
 
@@ -917,6 +1076,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (npu:0 > cuda:0 > cpu), cpu, cuda[:N] or npu[:N]")
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on accelerators; fp32 on CPU if it fits), float32, bfloat16, float16")
+    p.add_argument("--graph", default="auto", choices=["auto", "on", "off", "compile"],
+                   help="capture the decode step as a CUDA/NPU graph (auto: on for cuda/npu, off for cpu); "
+                        "compile: torch.compile(fullgraph=True) of the step instead")
     p.add_argument("--selftest", action="store_true",
                    help="build tiny checkpoints in a temp dir and run the whole pipeline (no download)")
     return p
@@ -983,7 +1145,7 @@ def run(args, log) -> int:
     out_dir = prepare_output_dir(args.output_dir)
     ref_audio = load_reference_audio(args.ref_audio) if args.ref_audio else None
 
-    engine = load_engine(args.model_path, args.tokenizer_path, args.device, args.dtype, log=log)
+    engine = load_engine(args.model_path, args.tokenizer_path, args.device, args.dtype, log=log, graph=args.graph)
     log(f"Model: {engine.num_params / 1e9:.3f} B parameters, loaded in {engine.load_seconds:.1f}s")
     ref_codes = engine.encode_audio(ref_audio) if ref_audio is not None else None
     if ref_codes is not None:
@@ -1054,7 +1216,7 @@ def selftest(args, log) -> int:
         model_dir, tokenizer_dir = tiny_checkpoints.build_tiny_checkpoints(tmp)
         checks.append(("build tiny checkpoints (3 shards + index, tokenizer, codec)", time.perf_counter() - t0))
         t0 = time.perf_counter()
-        engine = load_engine(model_dir, tokenizer_dir, args.device, args.dtype, log=log)
+        engine = load_engine(model_dir, tokenizer_dir, args.device, args.dtype, log=log, graph=args.graph)
         checks.append((f"load on {engine.device} ({str(engine.dtype).replace('torch.', '')})", time.perf_counter() - t0))
         text = "Hello from the self test. 你好。"
         t0 = time.perf_counter()
@@ -1067,7 +1229,7 @@ def selftest(args, log) -> int:
         if codes.shape != (60, engine.config.num_codebooks) or not bool((codes[0] == 1024).all()):
             raise AssertionError(f"unexpected codes: shape {tuple(codes.shape)}")
         fps = timings["decode_steps"] / timings["decode_s"]
-        checks.append((f"prefill + 60 frames ({fps:.1f} frames/s)", time.perf_counter() - t0))
+        checks.append((f"prefill + 60 frames ({fps:.1f} frames/s, graph {timings['graph']})", time.perf_counter() - t0))
         t0 = time.perf_counter()
         aligned = revert_delay_pattern(codes)
         audio = engine.decode_audio(aligned)

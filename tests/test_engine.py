@@ -182,3 +182,26 @@ def test_forced_frames_runs_the_whole_budget(tiny_engine):
 def test_bad_sampling_params(bad):
     with pytest.raises(inference.UserError):
         SamplingParams(**bad).validate()
+
+
+@pytest.mark.parametrize("temperature", [0.3, 0.0])
+def test_compiled_step_has_no_graph_break_and_same_codes(tiny_engine, temperature):
+    """fullgraph compiling proves the step has no host sync or data-dependent branch (graph capture needs that)."""
+    prompt = tiny_engine.build_prompt("Compile check.")
+    params = SamplingParams(max_new_tokens=8, temperature=temperature)
+    eager, _ = tiny_engine.generate([prompt], params, [3], forced_frames=200)
+    tiny_engine.graph, tiny_engine.compile_backend = "compile", "aot_eager"
+    try:
+        compiled, timings = tiny_engine.generate([prompt], params, [3], forced_frames=200)
+    finally:
+        tiny_engine.graph, tiny_engine.compile_backend = "auto", "inductor"
+    assert timings["graph"] == "compile"
+    assert torch.equal(eager[0].codes, compiled[0].codes)
+    assert eager[0].codes.shape == (200, 8)
+
+
+def test_graph_mode_is_off_on_cpu_and_validated(tiny_ckpt, tiny_engine):
+    _, timings = tiny_engine.generate([tiny_engine.build_prompt("x")], SamplingParams(max_new_tokens=12), [1])
+    assert timings["graph"] == "off"
+    with pytest.raises(inference.UserError, match="--graph"):
+        inference.load_engine(*tiny_ckpt, device="cpu", dtype="float32", graph="sometimes")
