@@ -251,10 +251,13 @@ def build_tiny_checkpoints(root: str | os.PathLike, seed: int = 0) -> tuple[Path
     """Write `root/model` and `root/tokenizer`; returns both paths."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    root = Path(root)
-    model_dir = build_generation_model(root / "model", seed=seed)
-    tokenizer_dir = build_audio_tokenizer(root / "tokenizer", seed=seed)
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars are noise here
+    try:
+        root = Path(root)
+        model_dir = build_generation_model(root / "model", seed=seed)
+        tokenizer_dir = build_audio_tokenizer(root / "tokenizer", seed=seed)
+    finally:
+        hf_logging.enable_progress_bar()
     return model_dir, tokenizer_dir
 
 
