@@ -1253,26 +1253,35 @@ def selftest(args, log) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def log(msg: str) -> None:
+    print(msg, flush=True)
 
-    def log(msg: str) -> None:
-        print(msg, flush=True)
 
+def run_cli(body, interrupted_note: str = "no partial output was left") -> int:
+    """Every script's top level: a user mistake is one stderr line (exit 2), Ctrl-C exits 130."""
     try:
-        if args.selftest:
-            try:
-                return selftest(args, log)
-            except AssertionError as e:
-                print(f"FAIL: selftest: {e}", file=sys.stderr)
-                return 1
-        return run(args, log)
+        return body()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C); no partial output was left", file=sys.stderr)
+        print(f"error: interrupted (Ctrl-C); {interrupted_note}", file=sys.stderr)
         return 130
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        if not args.selftest:
+            return run(args, log)
+        try:
+            return selftest(args, log)
+        except AssertionError as e:
+            print(f"FAIL: selftest: {e}", file=sys.stderr)
+            return 1
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
