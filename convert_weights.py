@@ -331,9 +331,6 @@ def rope_parameters(text: dict) -> dict:
 
 
 def plan_model(src: Path, keep_text_head: bool) -> Plan:
-    import torch  # noqa: F401
-    from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
-
     cfg = inference.read_json(src / "config.json")
     text = cfg.get("text_config") or {}
     if not text:
@@ -398,6 +395,8 @@ def plan_model(src: Path, keep_text_head: bool) -> Plan:
             raise UserError(f"{target}: expected one tensor or a frozen + trainable pair, got {sorted(parts.values())}")
 
     # the native config
+    from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
+
     tok_ids = tokenizer_special_ids(src)
     emb_key = groups["model.embed_tokens.weight"]
     vocab = sum(shards[k].shape(k)[0] for k in emb_key.values())
@@ -935,12 +934,16 @@ def convert(args, log) -> int:
     if args.keep_text_head and kind != "model":
         raise UserError("--keep-text-head applies to the generation model only")
 
-    import torch  # noqa: F401  (baseline RSS includes torch + transformers)
+    t0 = time.perf_counter()
+    log(f"Source: Boson's original {kind} at {src} ({human(sum(f.stat().st_size for f in src.iterdir() if f.is_file()))})")
+    if kind == "model":  # config refusals and shard checks first: they need no torch
+        cfg = inference.read_json(src / "config.json")
+        refuse_model_config(cfg, int((cfg.get("text_config") or {}).get("num_hidden_layers", 0)))
+        read_index(src)
+    import torch  # noqa: F401  (the baseline RSS includes torch + transformers)
     import transformers  # noqa: F401
 
     baseline = peak_rss_bytes()
-    t0 = time.perf_counter()
-    log(f"Source: Boson's original {kind} at {src} ({human(sum(f.stat().st_size for f in src.iterdir() if f.is_file()))})")
     plan = plan_model(src, args.keep_text_head) if kind == "model" else plan_tokenizer(src)
     for note in plan.notes:
         log(f"note: {note}")
