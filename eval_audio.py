@@ -472,7 +472,7 @@ def run_ours(engine, prompt, params, n: int, seed: int) -> dict:
             "decode_steps": t["decode_steps"], "audio_decode_s": decode_s,
             "audio_s": 0.0 if audio is None else audio.size / SAMPLE_RATE,
             "finite": bool(audio is None or inference.audio_stats(audio)["non_finite"] == 0),
-            "peak_device_memory_bytes": inference.peak_memory_bytes(engine.device)}
+            "peak_device_memory_bytes": inference.peak_memory_bytes(engine.device), "graph": t.get("graph")}
 
 
 def run_stock(engine, prompt, params, n: int, seed: int) -> dict:
@@ -522,6 +522,7 @@ def summarize_runs(runs: list[dict], bytes_per_step: int, copy_gb_s: float) -> d
         "peak_device_memory_bytes": max(peaks) if peaks else None,
         "bandwidth_gb_s": round(bw, 3),
         "bandwidth_share_of_copy": round(bw / copy_gb_s, 4) if copy_gb_s else None,
+        "graph": runs[-1].get("graph"),
         "runs": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in runs],
     }
 
@@ -567,7 +568,7 @@ def run_performance(engine, args, progress: Progress) -> dict:
         row["ratio_tokens_per_s"] = round(ours / stock, 3) if stock else None
         row["ratio_prefill"] = round(row["stock"]["prefill_ms"] / row["ours"]["prefill_ms"], 3) \
             if row["ours"]["prefill_ms"] else None
-        progress.log(f"performance: {n} tokens: ours {ours:.1f} tok/s ({row['ours']['ms_per_frame']:.2f} ms/frame), "
+        progress.log(f"performance: {n} tokens: ours (graph {row['ours']['graph']}) {ours:.1f} tok/s ({row['ours']['ms_per_frame']:.2f} ms/frame), "
                      f"stock {stock:.1f} tok/s ({row['stock']['ms_per_frame']:.2f} ms/frame), "
                      f"ours/stock {row['ratio_tokens_per_s']:.2f}x")
         budgets.append(row)
@@ -583,6 +584,8 @@ def run_performance(engine, args, progress: Progress) -> dict:
         "repeats": args.repeats,
         "warmup_runs": 1,
         "definitions": {
+            "graph": "ours: decode step mode the engine reported (on = CUDA/NPU graph replay, off = eager, "
+                     "compile = torch.compile)",
             "tokens_per_s": "decode steps per second after the prefill; one step = one frame of 8 codes",
             "prefill_ms": "prompt forward until the first frame is available (time to first frame)",
             "real_time_factor": "(prefill + decode + audio decode) seconds / audio seconds; < 1 is faster than real time",
@@ -762,7 +765,8 @@ def render_html(summary: dict, precision: dict | None, performance: dict | None,
             for name in ("ours", "stock"):
                 s = b[name]
                 t = s["decode_tokens_per_s"]
-                rows.append([str(b["tokens"]), name, f"{t['median']:.2f} ({t['min']:.2f}–{t['max']:.2f})",
+                label = name if name == "stock" else f"ours (graph {s.get('graph')})"
+                rows.append([str(b["tokens"]), label, f"{t['median']:.2f} ({t['min']:.2f}–{t['max']:.2f})",
                              _fmt(s["ms_per_frame"]), _fmt(s["prefill_ms"]), _fmt(s["audio_decode_s"]),
                              _fmt(s["real_time_factor"]), _fmt(s["bandwidth_gb_s"]),
                              _fmt(s["bandwidth_share_of_copy"]),
@@ -822,8 +826,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--output_dir", default="eval_results", help="folder for the JSON files, report.html, audio/")
     p.add_argument("--repeats", type=int, default=3, help="performance: timed runs per budget after one warm-up")
-    p.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
-                   help="decode step graph capture (auto: on for cuda/npu, off for cpu)")
+    p.add_argument("--graph", choices=("auto", "on", "off", "compile"), default="auto",
+                   help="decode step graph capture (auto: on for cuda/npu, off for cpu; compile: "
+                        "torch.compile(fullgraph=True) of the step)")
     p.add_argument("--parity", choices=("auto", "on", "off"), default="auto",
                    help="device parity vs CPU fp32 (auto: unless the run itself is CPU fp32)")
     p.add_argument("--medium", action="store_true",

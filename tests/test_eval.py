@@ -216,12 +216,12 @@ def test_injected_bad_audio_fails_with_nonzero_exit(kind, failing, tiny_engine, 
 
 
 def test_mode_performance_alone(tiny_engine, tiny_ckpt, tmp_path):
-    rc = eval_audio.main(["--mode", "performance", "--tokens", "12", "20", "--seeds", "2", "--repeats", "2",
+    rc = eval_audio.main(["--mode", "performance", "--tokens", "11", "13", "--seeds", "2", "--repeats", "2",
                           "--output_dir", str(tmp_path)], engine=tiny_engine)
     assert rc == 0
     assert not (tmp_path / "precision.json").exists()
     perf = json.loads((tmp_path / "performance.json").read_text())
-    assert [b["tokens"] for b in perf["budgets"]] == [12, 20] and perf["repeats"] == 2
+    assert [b["tokens"] for b in perf["budgets"]] == [11, 13] and perf["repeats"] == 2
     for b in perf["budgets"]:
         assert len(b["ours"]["runs"]) == 2 and len(b["stock"]["runs"]) == 2
         assert b["ours"]["frames"] == b["stock"]["frames"] == b["tokens"]
