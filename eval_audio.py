@@ -342,7 +342,7 @@ def run_precision(engine, args, out_dir: Path, progress: Progress) -> dict:
     prompt = engine.build_prompt(args.text)
     audio_dir = out_dir / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
-    checks, seeds, wav_by_seed = [], [], {}
+    checks, seeds, codes_by_seed, wav_by_seed = [], [], {}, {}
     for seed in args.seeds:
         progress.step(f"precision: seed {seed}")
         gens, timings = engine.generate([prompt], params, [seed])
@@ -350,10 +350,11 @@ def run_precision(engine, args, out_dir: Path, progress: Progress) -> dict:
         audio, _ = _decode(engine, gen.codes)
         entry = {"seed": seed, "finished_by_eos": gen.finished, **code_metrics(gen.codes, engine.config)}
         reason = inference.judge_attempt(args.text, gen.codes, audio)
+        codes_by_seed[seed] = gen.codes
         if audio is not None:
             wav = audio_dir / f"seed_{seed}.wav"
             inference.write_wav_atomic(wav, audio)
-            wav_by_seed[seed] = (gen.codes, wav.read_bytes())
+            wav_by_seed[seed] = wav.read_bytes()
             entry["wav"] = str(wav.relative_to(out_dir))
             entry.update(signal_metrics(audio))
             entry["checks"] = audio_checks(entry, f"seed {seed}: ")
@@ -375,8 +376,8 @@ def run_precision(engine, args, out_dir: Path, progress: Progress) -> dict:
     progress.step(f"precision: seed {seed0} again")
     gen = engine.generate([prompt], params, [seed0])[0][0]
     audio, _ = _decode(engine, gen.codes)
-    first_codes, first_wav = wav_by_seed.get(seed0, (None, None))
-    same_codes = first_codes is not None and torch.equal(first_codes, gen.codes)
+    first_wav = wav_by_seed.get(seed0)
+    same_codes = torch.equal(codes_by_seed[seed0], gen.codes)
     same_wav = first_wav is not None and audio is not None and _wav_bytes(audio) == first_wav
     checks.append(check(f"determinism: seed {seed0} twice gives identical codes", same_codes, same_codes, "identical"))
     checks.append(check(f"determinism: seed {seed0} twice gives identical WAV bytes", same_wav, same_wav, "identical"))
