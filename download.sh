@@ -118,6 +118,7 @@ PYTHON=$("$py_name" -c "import sys, huggingface_hub; print(sys.executable)" 2>/d
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/higgs-download.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
+trap 'echo >&2; echo "error: interrupted; re-run bash download.sh to resume (finished files are kept)" >&2; exit 130' INT TERM
 
 # Small Python helper: hub queries through huggingface_hub's API, size checks, markers.
 helper() {
@@ -215,8 +216,17 @@ def cmd_verify(folder, listing, mode="all"):
     """Exit 0 when every listed file is there with the listed size (mode "mark": then write
     the marker; "nogates": ignore the gate files); else say what is wrong, and with "ungate"
     remove the gate files."""
-    files = json.load(open(listing))["files"]
+    data = json.load(open(listing))
+    files = data["files"]
     bad = compare(folder, files, skip_gates=(mode == "nogates"))
+    if mode == "mark" and not bad:
+        # same sizes, but written for another commit (main moved on): let hf compare ETags
+        try:
+            old = json.loads((Path(folder) / MARKER).read_text()).get("commit")
+        except (OSError, ValueError):
+            old = None
+        if old not in (None, data["commit"]):
+            fail(1, f"holds commit {old[:12]}, the hub has {data['commit'][:12]}")
     if not bad:
         if mode in ("mark", "ungate"):
             cmd_mark(folder, listing)
@@ -389,7 +399,7 @@ export HF_HUB_DISABLE_UPDATE_CHECK=${HF_HUB_DISABLE_UPDATE_CHECK:-1}
 # classify a failed `hf download` from its log: one line
 hf_failure() {
     local log=$1 repo=$2
-    if grep -qiE "No space left on device|ENOSPC|Not enough free disk" "$log"; then
+    if grep -qiE "No space left on device|ENOSPC|Errno 28" "$log"; then
         echo "disk full while downloading $repo: free some space and re-run bash download.sh"
     elif grep -qE "GatedRepo|40[13] Client Error|403 Forbidden|Unauthorized|Invalid credentials" "$log"; then
         echo "access to $repo denied by $ENDPOINT (HTTP 401/403): check HF_TOKEN (or run: hf auth login)"
@@ -397,6 +407,8 @@ hf_failure() {
         echo "$repo: file or revision not found on $ENDPOINT (HTTP 404)"
     elif grep -qiE "connect|timed? ?out|disconnect|protocol|network|incomplete|Consistency check" "$log"; then
         echo "download of $repo interrupted (network: $(grep -iE "connect|time|disconnect|protocol|incomplete|consistency" "$log" | tail -n 1 | cut -c1-120)); re-run bash download.sh to resume"
+    elif grep -qi "Not enough free disk space" "$log"; then
+        echo "disk full while downloading $repo: free some space and re-run bash download.sh"
     else
         echo "hf download $repo failed: $(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-160)"
     fi

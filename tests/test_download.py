@@ -263,6 +263,48 @@ def test_not_enough_disk_space(hub, tmp_path):
     assert hub.resolve_requests() == []
 
 
+def test_disk_full_during_download(hub, tmp_path):
+    """hf failing with ENOSPC (a stand-in `hf` first on PATH prints what huggingface_hub raises)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "hf").write_text("#!/bin/sh\necho \"OSError: [Errno 28] No space left on device\" >&2\nexit 1\n")
+    (fake / "hf").chmod(0o755)
+    env = {"PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+    proc = run_download(tmp_path, hub.url, "--only", "tokenizer", env=env)
+    assert proc.returncode != 0
+    assert error_line(proc) == (f"error: disk full while downloading {TOKENIZER_REPO}: "
+                                "free some space and re-run bash download.sh")
+    with pytest.raises(inference.UserError):
+        inference.check_tokenizer_dir(tmp_path / "tokenizer_cache")
+
+
+def test_new_commit_on_main_is_fetched(downloaded, tiny_ckpt, tmp_path):
+    """Same sizes but main moved on: not 'complete'; hf compares ETags and fetches only what changed."""
+    work, _, first = downloaded
+    assert first.returncode == 0
+    shutil.copytree(work / "tokenizer_cache", tmp_path / "tokenizer_cache")
+    changed = tmp_path / "new_tok"
+    shutil.copytree(tiny_ckpt[1], changed)
+    cfg = json.loads((changed / "preprocessor_config.json").read_text())
+    cfg["padding_value"] = 1.0  # 0.0 -> 1.0: same size, new content, new commit
+    (changed / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    assert (changed / "preprocessor_config.json").stat().st_size == (
+        tiny_ckpt[1] / "preprocessor_config.json").stat().st_size
+    hub = LocalHub()
+    hub.add_repo(TOKENIZER_REPO, changed)
+    hub.start()
+    try:
+        proc = run_download(tmp_path, hub.url, "--only", "tokenizer")
+    finally:
+        hub.stop()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "already complete" not in proc.stdout
+    gets = {r.path.rsplit("/", 1)[-1] for r in hub.resolve_requests("GET")}
+    assert gets == {"preprocessor_config.json", "config.json"}  # not the weights
+    assert (tmp_path / "tokenizer_cache" / "preprocessor_config.json").read_bytes() == (
+        changed / "preprocessor_config.json").read_bytes()
+
+
 def test_missing_cli_says_what_to_install(tmp_path):
     dirs = [d for d in os.environ["PATH"].split(os.pathsep)
             if d and not (Path(d) / "hf").exists() and not (Path(d) / "huggingface-cli").exists()]
@@ -285,53 +327,7 @@ def test_help_and_bad_flags(tmp_path):
 
 # --------------------------------------------------------------------------- --original
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "boson"
-NATIVE_TO_ORIGINAL = [  # the reverse of convert_weights.py's key mapping, enough for the tiny model
-    ("model.embed_audio_tokens.embed_audio_tokens.weight", "audio_codebook_embeddings.weight"),
-    ("audio_lm_head.weight", "audio_decoder_proj.audio_lm_head.weight"),
-    ("model.embed_tokens.", "embed_tokens."),
-    ("model.layers.", "layers."),
-    ("model.norm.", "norm."),
-]
-
-
-def original_layout_model(native: Path, out: Path) -> Path:
-    """Boson's original model layout rebuilt from a native tiny checkpoint (used when
-    tests/fixtures/boson/model is absent)."""
-    from safetensors.torch import load_file, save_file
-
-    def rename(key: str) -> str:
-        for old, new in NATIVE_TO_ORIGINAL:
-            if key.startswith(old):
-                return new + key[len(old):]
-        raise KeyError(key)
-
-    out.mkdir(parents=True)
-    index = json.loads((native / "model.safetensors.index.json").read_text())
-    for shard in sorted(set(index["weight_map"].values())):
-        save_file({rename(k): v for k, v in load_file(native / shard).items()}, out / shard, metadata={"format": "pt"})
-    index["weight_map"] = {rename(k): v for k, v in index["weight_map"].items()}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    cfg = json.loads((native / "config.json").read_text())
-    text_keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "hidden_act",
-                 "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id")
-    text_config = {k: cfg[k] for k in text_keys if k in cfg}
-    text_config.update(model_type="llama", rope_scaling=cfg["rope_parameters"],
-                       rope_theta=cfg["rope_parameters"]["rope_theta"])
-    original = {
-        "architectures": ["HiggsAudioModel"], "model_type": "higgs_audio", "text_config": text_config,
-        "audio_adapter_type": "dual_ffn_fast_forward", "audio_dual_ffn_layers": list(range(cfg["num_hidden_layers"])),
-        "audio_num_codebooks": cfg["num_codebooks"], "audio_codebook_size": cfg["codebook_size"] - 2,
-        "audio_stream_bos_id": cfg["audio_stream_bos_id"], "audio_stream_eos_id": cfg["audio_stream_eos_id"],
-        "audio_out_bos_token_id": cfg["audio_bos_token_id"], "audio_out_token_idx": cfg["audio_token_id"],
-        "use_delay_pattern": True, "pad_token_id": cfg["pad_token_id"], "torch_dtype": "bfloat16",
-    }
-    (out / "config.json").write_text(json.dumps(original, indent=2))
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(native / name, out / name)
-    return out
-
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "boson"  # Boson's original layouts, tiny
 
 STUB_CONVERTER = '''
 import argparse, json, os, shutil, sys
@@ -341,116 +337,72 @@ p.add_argument("--kind"); p.add_argument("--src"); p.add_argument("--dst"); p.ad
 a = p.parse_args()
 with open(os.environ["STUB_LOG"], "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
-src, dst = Path(a.src), Path(a.dst)
-if a.kind == "model":
-    assert json.loads((src / "config.json").read_text())["model_type"] == "higgs_audio"
-else:
-    assert (src / "model.pth").is_file()
-if os.environ.get("STUB_FAIL"):
-    dst.mkdir(parents=True, exist_ok=True)
-    shutil.copy(Path(os.environ["STUB_NATIVE_" + a.kind.upper()]) / "config.json", dst / "config.json")
-    sys.exit("boom: tensor layers.0.mlp.up_proj.weight has the wrong shape")
-if dst.exists():
-    assert a.force
-    shutil.rmtree(dst)
-shutil.copytree(os.environ["STUB_NATIVE_" + a.kind.upper()], dst)
-print(f"converted {a.kind}: {src} -> {dst}")
+assert json.loads((Path(a.src) / "config.json").read_text())["model_type"] == "higgs_audio"
+dst = Path(a.dst)
+dst.mkdir(parents=True, exist_ok=True)
+shutil.copy(Path(os.environ["STUB_NATIVE"]) / "config.json", dst / "config.json")  # half-written
+sys.exit("boom: tensor layers.0.mlp.up_proj.weight has the wrong shape")
 '''
 
 
 @pytest.fixture
-def original_hub(tiny_ckpt, tmp_path):
-    """A hub serving Boson's original layouts at the pinned commits."""
-    model_src = FIXTURES / "model"
-    if not (model_src / "config.json").is_file():
-        model_src = original_layout_model(tiny_ckpt[0], tmp_path / "orig_model")
-    tok_src = FIXTURES / "tokenizer"
-    if not (tok_src / "model.pth").is_file():
-        tok_src = None
+def original_hub():
+    """A hub serving Boson's original layouts (tests/fixtures/boson) at the pinned commits."""
+    if not (FIXTURES / "model" / "config.json").is_file() or not (FIXTURES / "tokenizer" / "model.pth").is_file():
+        pytest.skip("tests/fixtures/boson/{model,tokenizer} are missing")
     hub = LocalHub()
-    hub.add_repo(MODEL_REPO, model_src, revisions=(), commit=PINNED_MODEL)
-    if tok_src is not None:
-        hub.add_repo(TOKENIZER_REPO, tok_src, revisions=(), commit=PINNED_TOKENIZER)
+    hub.add_repo(MODEL_REPO, FIXTURES / "model", revisions=(), commit=PINNED_MODEL)
+    hub.add_repo(TOKENIZER_REPO, FIXTURES / "tokenizer", revisions=(), commit=PINNED_TOKENIZER)
     hub.start()
-    yield hub, model_src, tok_src
+    yield hub
     hub.stop()
 
 
-def test_original_flow_with_stub_converter(original_hub, tiny_ckpt, tmp_path):
-    """--original's plumbing (pinned revisions, staging, converter call, checks, re-run, failure),
-    with a stand-in converter next to a copy of download.sh."""
-    hub, model_src, tok_src = original_hub
-    if tok_src is None:  # no tokenizer fixture yet: serve a minimal original-layout tokenizer repo
-        tok_src = tmp_path / "orig_tok"
-        tok_src.mkdir()
-        shutil.copy(tiny_ckpt[1] / "config.json", tok_src / "config.json")
-        (tok_src / "model.pth").write_bytes(os.urandom(4096))
-        hub.add_repo(TOKENIZER_REPO, tok_src, revisions=(), commit=PINNED_TOKENIZER)
+@pytest.mark.skipif(not (ROOT / "convert_weights.py").is_file(), reason="convert_weights.py is missing")
+def test_original_downloads_pinned_and_converts(original_hub, tmp_path):
+    hub = original_hub
+    proc = run_download(tmp_path, hub.url, "--original", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    infos = [r.path for r in hub.requests if "/revision/" in r.path]
+    assert len(infos) >= 2 and all(PINNED_MODEL in p or PINNED_TOKENIZER in p for p in infos), infos
+    assert proc.stdout.count("converted and checked") == 2
+    assert not (tmp_path / "original_cache").exists()  # the original download is removed after converting
+    model_dir, tok_dir = tmp_path / "model_cache", tmp_path / "tokenizer_cache"
+    engine = inference.load_engine(model_dir, tok_dir, device="cpu", dtype="float32")
+    assert tuple(engine.encode_audio(np.zeros(24000, dtype="float32")).shape) == (8, 25)
+    assert proc.stdout.rstrip().splitlines()[-1].strip() == 'python3 inference.py --text "Hello there."'
+
+    before = len(hub.requests)
+    proc = run_download(tmp_path, hub.url, "--original")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("already holds a verified conversion") == 2
+    assert hub.requests[before:] == []  # checked locally against the recorded sizes; no hub, no converter
+    # a converted folder that lost a file is not taken as converted: it goes back to the hub
+    (model_dir / "tokenizer.json").unlink()
+    proc = run_download(tmp_path, f"http://127.0.0.1:{free_port()}", "--original", "--only", "model")
+    assert proc.returncode != 0 and "cannot reach" in error_line(proc)
+
+
+def test_original_converter_failure_leaves_target_refused(original_hub, tiny_ckpt, tmp_path):
+    """convert_weights.py failing (a stand-in next to a copy of download.sh): exit != 0, its last
+    line as the reason, the half-written target refused by inference.py, the download kept."""
+    hub = original_hub
     app = tmp_path / "app"
     app.mkdir()
     shutil.copy(DOWNLOAD, app / "download.sh")
     shutil.copy(ROOT / "inference.py", app / "inference.py")
     (app / "convert_weights.py").write_text(STUB_CONVERTER)
     log = tmp_path / "stub.log"
-    env = {"STUB_LOG": str(log), "STUB_NATIVE_MODEL": str(tiny_ckpt[0]), "STUB_NATIVE_TOKENIZER": str(tiny_ckpt[1])}
-    work = tmp_path / "work"
-    work.mkdir()
-
-    def run(*args, **extra):
-        full = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HIGGS_"))}
-        full.update(HF_ENDPOINT=hub.url, HF_HOME=str(work / "hf_home"), HF_HUB_DISABLE_XET="1", **env, **extra)
-        return subprocess.run(["bash", str(app / "download.sh"), "--original", *args], cwd=work, env=full,
-                              capture_output=True, text=True, timeout=120)
-
-    proc = run("--keep-staging")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
-    assert calls == [
-        ["--kind", "model", "--src", "./original_cache/model", "--dst", "./model_cache", "--force"],
-        ["--kind", "tokenizer", "--src", "./original_cache/tokenizer", "--dst", "./tokenizer_cache", "--force"],
-    ]
-    infos = [r.path for r in hub.requests if r.path.startswith("/api/models/") and "/revision/" in r.path]
-    assert infos and all(PINNED_MODEL in p or PINNED_TOKENIZER in p for p in infos), infos
-    assert (work / "original_cache" / "model" / "config.json").is_file()  # --keep-staging
-    assert "kept the original download in ./original_cache/model" in proc.stdout
-    inference.check_model_dir(work / "model_cache")
-    inference.check_tokenizer_dir(work / "tokenizer_cache")
-    assert proc.stdout.rstrip().splitlines()[-1].strip() == 'python3 inference.py --text "Hello there."'
-
-    before = len(hub.requests)
-    proc = run()
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("already holds a verified conversion") == 2
-    assert hub.requests[before:] == [] and len(log.read_text().splitlines()) == 2
-
-    # a converter failure: exit != 0, its last line as the reason, the target refused
-    before = len(hub.requests)
-    proc = run("--only", "model", "--model-dir", "m2", STUB_FAIL="1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HIGGS_"))}
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_XET="1",
+               STUB_LOG=str(log), STUB_NATIVE=str(tiny_ckpt[0]))
+    proc = subprocess.run(["bash", str(app / "download.sh"), "--original", "--only", "model", "--model-dir", "m2",
+                           "--keep-staging"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert error_line(proc) == ("error: convert_weights.py --kind model failed: "
                                 "boom: tensor layers.0.mlp.up_proj.weight has the wrong shape")
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [
+        ["--kind", "model", "--src", "./original_cache/model", "--dst", "m2", "--force"]]
     with pytest.raises(inference.UserError):
-        inference.check_model_dir(work / "m2")
-    assert hub.resolve_requests()[before:] == []  # the kept staging folder was verified and reused
-    assert (work / "original_cache" / "model" / "config.json").is_file()
-
-
-@pytest.mark.skipif(not (ROOT / "convert_weights.py").is_file(), reason="convert_weights.py not written yet")
-def test_original_with_real_converter(original_hub, tiny_ckpt, tmp_path):
-    hub, model_src, tok_src = original_hub
-    args = ["--original"] + ([] if tok_src is not None else ["--only", "model"])
-    proc = run_download(tmp_path, hub.url, *args, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert not (tmp_path / "original_cache").exists()  # removed after a good conversion
-    tok_dir = tmp_path / "tokenizer_cache" if tok_src is not None else tiny_ckpt[1]
-    engine = inference.load_engine(tmp_path / "model_cache", tok_dir, device="cpu", dtype="float32")
-    if model_src != FIXTURES / "model":  # rebuilt from the tiny native checkpoint: must round-trip exactly
-        import torch
-        from transformers import HiggsAudioV2ForConditionalGeneration
-
-        ref = HiggsAudioV2ForConditionalGeneration.from_pretrained(tiny_ckpt[0], dtype=torch.float32)
-        got = engine.model.state_dict()
-        for key, value in ref.state_dict().items():
-            assert torch.equal(got[key].float(), value.float()), key
-    proc = run_download(tmp_path, hub.url, *args)
-    assert proc.returncode == 0 and "already holds a verified conversion" in proc.stdout
+        inference.check_model_dir(tmp_path / "m2")
+    assert (tmp_path / "original_cache" / "model" / "model.safetensors.index.json").is_file()
