@@ -102,6 +102,23 @@ class SafetensorsFile:
     def dtype(self, name) -> str:
         return ST_DTYPES[self.entries[name]["dtype"]][0]
 
+    def nbytes(self, name) -> int:
+        start, end = self.entries[name]["data_offsets"]
+        return end - start
+
+    def iter_bytes(self, name, chunk: int = 16 * 1024**2):
+        """The tensor's raw bytes in chunks: a copy never holds the whole tensor in memory."""
+        start, end = self.entries[name]["data_offsets"]
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + start)
+            left = end - start
+            while left > 0:
+                buf = f.read(min(chunk, left))
+                if not buf:
+                    raise UserError(f"{self.path} is truncated while reading {name}")
+                left -= len(buf)
+                yield buf
+
     def read(self, name):
         import torch
 
@@ -128,6 +145,7 @@ class Target:
     sources: list[str]  # source keys it is made from
     how: str  # "copy", "concat", "weight-norm fold", ...
     produce: object = field(repr=False, default=None)  # () -> tensor
+    chunks: object = field(repr=False, default=None)  # () -> iterator of raw bytes (streams, preferred)
 
     @property
     def nbytes(self) -> int:
@@ -148,6 +166,14 @@ def write_safetensors(path: Path, targets: list[Target]) -> None:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for t in targets:
+            if t.chunks is not None:
+                written = 0
+                for buf in t.chunks():
+                    f.write(buf)
+                    written += len(buf)
+                if written != t.nbytes:
+                    raise AssertionError(f"{t.name}: wrote {written} bytes, planned {t.nbytes}")
+                continue
             tensor = t.produce()
             if list(tensor.shape) != t.shape or str(tensor.dtype).replace("torch.", "") != t.dtype:
                 raise AssertionError(f"{t.name}: produced {tuple(tensor.shape)} {tensor.dtype}, planned {t.shape} {t.dtype}")
@@ -450,7 +476,8 @@ def plan_model(src: Path, keep_text_head: bool) -> Plan:
         if "whole" in parts:
             k = parts["whole"]
             f = shards[k]
-            targets.append(Target(target, f.dtype(k), f.shape(k), [k], "copy", (lambda f=f, k=k: f.read(k))))
+            targets.append(Target(target, f.dtype(k), f.shape(k), [k], "copy", (lambda f=f, k=k: f.read(k)),
+                                  (lambda f=f, k=k: f.iter_bytes(k))))
         else:
             a, b = parts["frozen"], parts["trainable"]
             fa, fb = shards[a], shards[b]
@@ -463,7 +490,12 @@ def plan_model(src: Path, keep_text_head: bool) -> Plan:
 
                 return torch.cat([fa.read(a), fb.read(b)], dim=0)
 
-            targets.append(Target(target, fa.dtype(a), shape, [a, b], "concat frozen + trainable (dim 0)", concat))
+            def concat_bytes(fa=fa, fb=fb, a=a, b=b):  # dim-0 concat of row-major tensors = bytes appended
+                yield from fa.iter_bytes(a)
+                yield from fb.iter_bytes(b)
+
+            targets.append(Target(target, fa.dtype(a), shape, [a, b], "concat frozen + trainable (dim 0)", concat,
+                                  concat_bytes))
     order = list(expected_shapes(HiggsAudioV2ForConditionalGeneration, config))
     rank = {name: i for i, name in enumerate(order)}
     targets.sort(key=lambda t: rank.get(t.name, len(rank)))
@@ -940,8 +972,8 @@ def convert(args, log) -> int:
         cfg = inference.read_json(src / "config.json")
         refuse_model_config(cfg, int((cfg.get("text_config") or {}).get("num_hidden_layers", 0)))
         read_index(src)
-    import torch  # noqa: F401  (the baseline RSS includes torch + transformers)
-    import transformers  # noqa: F401
+    import torch  # noqa: F401  (the baseline RSS includes torch + the transformers classes used)
+    from transformers import HiggsAudioV2ForConditionalGeneration, HiggsAudioV2TokenizerModel  # noqa: F401
 
     baseline = peak_rss_bytes()
     plan = plan_model(src, args.keep_text_head) if kind == "model" else plan_tokenizer(src)
@@ -966,8 +998,9 @@ def convert(args, log) -> int:
         log(f"Writing {len(plan.targets)} tensors ({human(total)}) into {tmp.name} ...")
         (write_model_folder if kind == "model" else write_tokenizer_folder)(plan, tmp, log)
         peak = peak_rss_bytes()
-        log(f"Peak RSS while converting: {human(peak)} (baseline after imports {human(baseline)}, "
-            f"source {human(plan.source_bytes)}); {time.perf_counter() - t0:.1f}s")
+        log(f"Peak RSS while converting: {human(peak)} = {human(baseline)} Python + torch + transformers "
+            f"+ {human(peak - baseline)} for the tensors (source {human(plan.source_bytes)}); "
+            f"{time.perf_counter() - t0:.1f}s")
         if not args.no_verify:
             (verify_model if kind == "model" else verify_tokenizer)(tmp, log)
         old = None
