@@ -27,8 +27,9 @@ Usage: bash download.sh [options]
 
 Downloads the Higgs Audio V2 generation model and audio tokenizer with the
 huggingface_hub CLI (hf download) and verifies them, ready for inference.py.
-Re-running resumes an interrupted download (finished files are kept) and
-skips folders that are already complete.
+Re-running resumes an interrupted download: finished files are kept (a file cut
+off mid-way starts again), and a folder whose files all match the hub's sizes
+is skipped.
 
 Options (each also settable by the environment variable in brackets):
   --model-repo ID          generation model repo  [HIGGS_MODEL_REPO]
@@ -41,10 +42,9 @@ Options (each also settable by the environment variable in brackets):
   --tokenizer-dir DIR      target folder          [HIGGS_TOKENIZER_DIR] (default: ./tokenizer_cache)
   --only model|tokenizer   fetch just one of the two                 [HIGGS_ONLY]
   --original               fetch Boson's original-layout checkpoints at their pinned
-                           revisions (model ${PINNED_MODEL_REVISION:0:12},
-                           tokenizer ${PINNED_TOKENIZER_REVISION:0:12}) into the staging
-                           folder, then convert them into the target folders with
-                           convert_weights.py                        [HIGGS_ORIGINAL=1]
+                           revisions (model ${PINNED_MODEL_REVISION:0:12}, tokenizer ${PINNED_TOKENIZER_REVISION:0:12})
+                           into the staging folder, then convert them into the target
+                           folders with convert_weights.py           [HIGGS_ORIGINAL=1]
   --staging-dir DIR        where --original downloads go (default: ./original_cache)
                                                                      [HIGGS_STAGING_DIR]
   --keep-staging           keep the original-layout download after converting
@@ -283,7 +283,7 @@ def cmd_disk(*pairs):
     for dev, n in need.items():
         margin = 100 * 2**20  # metadata, logs, rounding
         if n + margin > free[dev]:
-            fail(6, f"not enough disk space for {names[dev]}: {gb(n)} still to write, "
+            fail(6, f"not enough disk space for {names[dev]}: {gb(n)} to write (+100 MB headroom), "
                     f"{gb(free[dev])} free; free up {gb(n + margin - free[dev])} or pick another folder")
 
 
@@ -368,7 +368,7 @@ def cmd_env():
     transport = f"huggingface_hub {hh.__version__}, hf_xet {xet}"
     if int(hh.__version__.split(".")[0]) < 1 and find_spec("hf_transfer"):
         transport += ", hf_transfer available"
-    print(f"{constants.ENDPOINT}\t{transport}")
+    print(f"{constants.ENDPOINT}|{transport}")
 
 
 cmds = {k[4:]: v for k, v in globals().items() if k.startswith("cmd_")}
@@ -388,7 +388,7 @@ must() {
     fi
 }
 
-IFS=$'\t' read -r ENDPOINT TRANSPORT <<<"$(helper env)"
+IFS='|' read -r ENDPOINT TRANSPORT <<<"$(helper env)"
 case $ENDPOINT in
     http://* | https://*) ;;
     *) die "HF_ENDPOINT='$ENDPOINT' must start with http:// or https:// (e.g. https://hf-mirror.com)" ;;
