@@ -146,6 +146,8 @@ def check_model_dir(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"model folder {path} does not exist (run: bash download.sh, or pass --model_path)")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}/config.json is missing: an unfinished download? (re-run: bash download.sh)")
     config = read_json(path / "config.json")
     if config.get("model_type") == "higgs_audio":
         raise UserError(
@@ -502,7 +504,6 @@ class Engine:
         `forced_frames` runs exactly that many frames whatever EOS says (benchmarks).
         """
         import torch
-        from transformers import StaticCache
 
         params.validate()
         cfg = self.config
@@ -512,20 +513,20 @@ class Engine:
         max_frames = forced_frames or params.max_new_tokens
         input_ids, mask, position_ids, audio, audio_mask = self._batch_inputs(prompts)
         prompt_len = input_ids.shape[1]
-        cache = StaticCache(config=cfg, max_cache_len=prompt_len + max_frames)
+        window_len = max(params.ras_win_len, 1)
+        ctx = self._decode_context(batch, prompt_len + max_frames, max_frames, window_len, params)
+        cache, bufs = ctx.cache, ctx.bufs
         # One mask as long as the cache: left padding masked, causality comes from the cache slot.
-        full_mask = torch.ones((batch, prompt_len + max_frames), dtype=torch.long)
+        full_mask = torch.ones((batch, bufs.attention_mask.shape[1]), dtype=torch.long)
         full_mask[:, :prompt_len] = mask
-        full_mask = full_mask.to(device)
 
-        window = torch.full((batch, max(params.ras_win_len, 1), num_cb), -1, dtype=torch.long)
+        window = torch.full((batch, window_len, num_cb), -1, dtype=torch.long)
         if audio is not None and params.ras:
             # the original's RAS window also sees the reference audio frames before frame 0
             for i, p in enumerate(prompts):
                 tail = p.audio_input_ids[-params.ras_win_len:]
                 window[i, window.shape[1] - tail.shape[0]:] = tail
-        bufs = DecodeBuffers.create(batch, num_cb, cfg.codebook_size, max_frames, device, cfg.audio_stream_bos_id,
-                                    position_ids[:, -1:] + 1, full_mask, window, sampled=not params.greedy or params.ras)
+        bufs.reset(cfg.audio_stream_bos_id, position_ids[:, -1:] + 1, full_mask, window)
         noise = NoiseSource(seeds, num_cb, cfg.codebook_size, device) if bufs.noise is not None else None
 
         timings = {}
@@ -534,7 +535,7 @@ class Engine:
         with torch.no_grad():
             self.model(
                 input_ids=input_ids.to(device),
-                attention_mask=full_mask[:, :prompt_len],
+                attention_mask=bufs.attention_mask[:, :prompt_len],
                 position_ids=position_ids.to(device),
                 audio_input_ids=None if audio is None else audio.to(device),
                 audio_input_ids_mask=None if audio_mask is None else audio_mask.to(device),
@@ -545,12 +546,7 @@ class Engine:
         synchronize(device)
         timings["prefill_s"] = time.perf_counter() - t0
 
-        step_fn = self._compiled_step() if self.graph == "compile" else decode_step
-
-        def step():
-            step_fn(self.model, cache, bufs, params, cfg)
-
-        runner = StepRunner(step, device, self.graph_enabled())
+        runner = ctx.runner
         bar = None
         if progress and max_frames > 1:
             from tqdm import tqdm
@@ -578,7 +574,7 @@ class Engine:
 
         n_frames = bufs.n_frames.cpu().tolist()
         finished = bufs.finished.cpu().tolist()
-        codes_cpu = bufs.out_codes.cpu()
+        codes_cpu = bufs.out_codes.to("cpu", copy=True)  # the buffer is reused by the next call
         # frames past a row's EOS (checked only every few frames) are trimmed here
         kept = [steps + 1 if forced_frames else min(n_frames[i], steps + 1) for i in range(batch)]
         results = [
@@ -586,6 +582,36 @@ class Engine:
             for i in range(batch)
         ]
         return results, timings
+
+    def _decode_context(self, batch, min_cache_len, max_frames, window_len, params: SamplingParams):
+        """Cache, buffers and step runner, reused while the shapes and sampling settings stay the same.
+
+        Reuse keeps the captured graph (and torch.compile's static-address guards) valid
+        across attempts, lines of a text file and benchmark repeats. The cache length is
+        rounded up to a multiple of 256 so that similar prompts share one.
+        """
+        from transformers import StaticCache
+
+        cache_len = -(-min_cache_len // 256) * 256
+        sampled = not params.greedy or params.ras
+        key = (batch, cache_len, max_frames, window_len, sampled, asdict(params) | {"max_new_tokens": 0},
+               self.graph, self.compile_backend, str(self.device))
+        ctx = getattr(self, "_ctx", None)
+        if ctx is not None and ctx.key == key:
+            ctx.cache.reset()
+            return ctx
+        self._ctx = None  # free the old cache before allocating the new one
+        cache = StaticCache(config=self.config, max_cache_len=cache_len)
+        bufs = DecodeBuffers.create(batch, self.config.num_codebooks, self.config.codebook_size, max_frames,
+                                    cache_len, window_len, self.device, sampled)
+        step_fn = self._compiled_step() if self.graph == "compile" else decode_step
+        model, cfg = self.model, self.config
+
+        def step():
+            step_fn(model, cache, bufs, params, cfg)
+
+        self._ctx = DecodeContext(key, cache, bufs, StepRunner(step, self.device, self.graph_enabled()))
+        return self._ctx
 
     def graph_enabled(self) -> bool:
         if self.graph in ("off", "compile") or self.device.type == "cpu":
@@ -619,24 +645,47 @@ class DecodeBuffers:
     t: object  # 0-d: index of the frame the next step writes
 
     @classmethod
-    def create(cls, batch, num_cb, vocab, max_frames, device, bos, next_positions, full_mask, window, sampled):
+    def create(cls, batch, num_cb, vocab, max_frames, cache_len, window_len, device, sampled):
         import torch
 
-        out_codes = torch.full((batch, max_frames, num_cb), bos, dtype=torch.long, device=device)
+        def longs(*shape):
+            return torch.zeros(shape, dtype=torch.long, device=device)
+
         return cls(
-            frame=torch.full((batch, num_cb), bos, dtype=torch.long, device=device),  # frame 0: all BOS
-            position_ids=next_positions.to(device),
-            attention_mask=full_mask,
+            frame=longs(batch, num_cb),
+            position_ids=longs(batch, 1),
+            attention_mask=longs(batch, cache_len),
             noise=torch.ones((batch, num_cb, vocab), device=device) if sampled else None,
             ras_noise=torch.ones((batch, num_cb, vocab), device=device) if sampled else None,
-            num_delay=torch.zeros(batch, dtype=torch.long, device=device),
-            remaining=torch.full((batch,), -1, dtype=torch.long, device=device),
+            num_delay=longs(batch),
+            remaining=longs(batch),
             finished=torch.zeros(batch, dtype=torch.bool, device=device),
-            n_frames=torch.full((batch,), max_frames, dtype=torch.long, device=device),
-            window=window.to(device),
-            out_codes=out_codes,
-            t=torch.ones((), dtype=torch.long, device=device),
+            n_frames=longs(batch),
+            window=longs(batch, window_len, num_cb),
+            out_codes=longs(batch, max_frames, num_cb),
+            t=longs(),
         )
+
+    def reset(self, bos, next_positions, full_mask, window) -> None:
+        """Start values of a generation, written in place (a captured graph keeps the addresses)."""
+        self.frame.fill_(bos)  # frame 0: all BOS
+        self.position_ids.copy_(next_positions)
+        self.attention_mask.copy_(full_mask)
+        self.num_delay.zero_()
+        self.remaining.fill_(-1)
+        self.finished.fill_(False)
+        self.n_frames.fill_(self.out_codes.shape[1])
+        self.window.copy_(window)
+        self.out_codes.fill_(bos)
+        self.t.fill_(1)
+
+
+@dataclass
+class DecodeContext:
+    key: tuple
+    cache: object
+    bufs: DecodeBuffers
+    runner: object
 
 
 def decode_step(model, cache, bufs: DecodeBuffers, params: SamplingParams, cfg) -> None:
