@@ -970,19 +970,12 @@ def main(argv=None, engine=None) -> int:
     """CLI entry; `engine` lets tests reuse a loaded engine (then --model_path only serves --parity)."""
     args = build_parser().parse_args(argv)
 
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-
-    try:
+    def body() -> int:
         validate(args)
         out_dir = inference.prepare_output_dir(args.output_dir)
-        return evaluate(args, out_dir, engine=engine, log=log)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C)", file=sys.stderr)
-        return 130
+        return evaluate(args, out_dir, engine=engine, log=inference.log)
+
+    return inference.run_cli(body, "the reports were not finished")
 
 
 if __name__ == "__main__":
