@@ -257,14 +257,14 @@ def filter_logits(logits, params: SamplingParams):
     return scores
 
 
-def race_sample(scores, noise):
-    """Exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from softmax(scores).
+def race_sample(scores, gumbel):
+    """Exponential race argmax(p / E), E ~ Exp(1), written as Gumbel-max: argmax(scores - log E).
 
-    The noise comes from a seeded CPU generator, so one seed gives the same choice
-    whatever the device, and the step itself holds no random op (graph capture).
+    Draws exactly from softmax(scores) without computing it. The noise comes from a
+    seeded CPU generator, so one seed gives the same choice whatever the device, and
+    the step itself holds no random op (graph capture).
     """
-    probs = scores.softmax(dim=-1)
-    return (probs / noise).argmax(dim=-1)
+    return (scores + gumbel).argmax(dim=-1)
 
 
 @dataclass
@@ -634,8 +634,8 @@ class DecodeBuffers:
     frame: object  # [B, C] codes fed to the model
     position_ids: object  # [B, 1]
     attention_mask: object  # [B, cache_len]
-    noise: object  # [B, C, V] exponential noise for sampling, or None when nothing is random
-    ras_noise: object  # [B, C, V]
+    noise: object  # [B, C, V] Gumbel noise (-log E) for sampling, or None when nothing is random
+    ras_noise: object  # [B, C, V] the same for the RAS resample
     num_delay: object
     remaining: object
     finished: object
@@ -655,8 +655,8 @@ class DecodeBuffers:
             frame=longs(batch, num_cb),
             position_ids=longs(batch, 1),
             attention_mask=longs(batch, cache_len),
-            noise=torch.ones((batch, num_cb, vocab), device=device) if sampled else None,
-            ras_noise=torch.ones((batch, num_cb, vocab), device=device) if sampled else None,
+            noise=torch.zeros((batch, num_cb, vocab), device=device) if sampled else None,
+            ras_noise=torch.zeros((batch, num_cb, vocab), device=device) if sampled else None,
             num_delay=longs(batch),
             remaining=longs(batch),
             finished=torch.zeros(batch, dtype=torch.bool, device=device),
@@ -722,7 +722,7 @@ def decode_step(model, cache, bufs: DecodeBuffers, params: SamplingParams, cfg) 
 
 
 class NoiseSource:
-    """Exponential noise from one seeded CPU generator per row: same draws on every device.
+    """Gumbel noise (-log E, E ~ Exp(1)) from one seeded CPU generator per row: same draws on every device.
 
     Drawn `chunk` frames at a time and copied to the device in one transfer.
     """
@@ -744,7 +744,7 @@ class NoiseSource:
         if self.block is None or t - self.block_start >= self.chunk:
             # per row: chunk frames x (sampling, RAS) noise, in a fixed order
             draws = torch.stack([torch.empty(self.chunk, 2, *self.shape).exponential_(generator=g)
-                                 for g in self.generators], dim=1)  # [chunk, B, 2, C, V]
+                                 for g in self.generators], dim=1).log_().neg_()  # [chunk, B, 2, C, V]
             if self.pin:
                 draws = draws.pin_memory()
             self.block = draws.to(self.device, non_blocking=True)

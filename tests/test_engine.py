@@ -89,8 +89,8 @@ def test_ras_resamples_repeated_codes_even_when_greedy():
     logits[0, :, 3] = 5.0
     logits[0, :, 11] = 4.0
     params = SamplingParams(temperature=0, ras_win_len=3, ras_win_max_num_repeat=2)
-    ras_noise = torch.ones(1, 8, V)
-    ras_noise[0, :, 3] = 1e6  # makes 3 lose the race: the resample picks the next most likely code
+    ras_noise = torch.zeros(1, 8, V)
+    ras_noise[0, :, 3] = -1e6  # makes 3 lose the race: the resample picks the next most likely code
     frame, _, _ = sample_frame(logits, state, params, None, ras_noise, CFG)
     assert frame[0].tolist() == [11] * 8
     params_off = SamplingParams(temperature=0, ras_win_len=0)
@@ -114,7 +114,7 @@ def test_race_sampling_follows_the_distribution():
     gen = torch.Generator().manual_seed(0)
     probs = torch.tensor([0.5, 0.3, 0.2])
     noise = torch.empty(20000, 3).exponential_(generator=gen)
-    picks = inference.race_sample(probs.log().expand(20000, 3), noise)
+    picks = inference.race_sample(probs.log().expand(20000, 3), -noise.log())
     freq = torch.bincount(picks, minlength=3).float() / 20000
     assert torch.allclose(freq, probs, atol=0.02)
 
