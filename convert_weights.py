@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 import inference  # noqa: E402  (stdlib-only at import time)
-from inference import UserError  # noqa: E402
+from inference import UserError, log, run_cli  # noqa: E402
 
 SHARD_BYTES = 2 * 1024**3  # output shard size (peak RAM does not depend on it: tensors stream)
 DELAY_TOKEN = "<|reserved_special_token_6|>"
@@ -1020,18 +1020,7 @@ def convert(args, log) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-
-    try:
-        return convert(args, log)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C); nothing was moved into --dst", file=sys.stderr)
-        return 130
+    return run_cli(lambda: convert(args, log), "nothing was moved into --dst")
 
 
 if __name__ == "__main__":
