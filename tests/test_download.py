@@ -256,7 +256,16 @@ def test_unreachable_endpoint(tmp_path):
 
 
 def test_not_enough_disk_space(hub, tmp_path):
-    proc = run_download(tmp_path, hub.url, env={"_HIGGS_TEST_FREE_BYTES": str(50 * 2**20)})
+    """A real 20 MB file system: the checkpoints plus the script's 100 MB margin do not fit."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        proc = run_download(small, hub.url)
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
     assert proc.returncode != 0
     line = error_line(proc)
     assert "not enough disk space" in line and "MB free" in line, line
