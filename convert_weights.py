@@ -566,8 +566,6 @@ ORIGINAL_TOKENIZER_KEYS = ("n_q", "ratios", "D")
 def fold_weight_norm(g, v):
     """weight = g * v / ||v||, the norm over every dim where g has size 1 (dim 0 for Conv1d,
     the input-channel dim 0 for ConvTranspose1d, dim 2 for HuBERT's positional conv)."""
-    import torch
-
     dims = [d for d in range(v.dim()) if g.shape[d] == 1]
     v32, g32 = v.float(), g.float()
     norm = v32.pow(2).sum(dim=dims, keepdim=True).sqrt()
@@ -753,7 +751,6 @@ def plan_tokenizer(src: Path) -> Plan:
              f"{hubert['num_attention_heads']} heads (head dim {HUBERT_HEAD_DIM})"]
 
     targets, dropped, unknown = [], [], []
-    used = set()
     weight_norm_groups = {}  # module prefix -> {"g": key, "v": key}
     simple = {}  # target -> source key
     for key in sorted(state):

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import re
-import signal
 import sys
 import tempfile
 import time
@@ -1049,7 +1048,7 @@ def _better(candidate: dict, best: dict) -> bool:
     return length(candidate) > length(best)
 
 
-def report(engine: Engine, text: str, params: SamplingParams, entry: dict, out_path: Path, log) -> dict:
+def report(engine: Engine, entry: dict, log) -> dict:
     best = entry["best"]
     gen, audio, timings = best["gen"], best["audio"], best["timings"]
     frames = int(gen.codes.shape[0])
@@ -1220,7 +1219,7 @@ def run(args, log) -> int:
             else:
                 name = args.output or f"output_{args.seed}.wav"
             wav_path = out_dir / name
-            summary = report(engine, text, params, entry, wav_path, log)
+            summary = report(engine, entry, log)
             if best["audio"] is not None:
                 write_wav_atomic(wav_path, best["audio"])
             sidecar = {
