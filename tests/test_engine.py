@@ -205,3 +205,42 @@ def test_graph_mode_is_off_on_cpu_and_validated(tiny_ckpt, tiny_engine):
     assert timings["graph"] == "off"
     with pytest.raises(inference.UserError, match="--graph"):
         inference.load_engine(*tiny_ckpt, device="cpu", dtype="float32", graph="sometimes")
+
+
+class _FailingCapture:
+    """A graph API whose capture fails, as a torch_npu build without a capturable op would."""
+
+    class Graph:
+        def replay(self):
+            raise AssertionError("never captured")
+
+    @staticmethod
+    def graph(_):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    class Stream:
+        def wait_stream(self, _):
+            pass
+
+    @staticmethod
+    def stream(_):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def current_stream():
+        return _FailingCapture.Stream()
+
+
+def test_graph_capture_failure_falls_back_to_eager_with_one_warning(capsys):
+    calls = []
+    runner = inference.StepRunner(lambda: calls.append(1), torch.device("cpu"), enabled=False)
+    f = _FailingCapture
+    runner.api = (f.Graph, f.graph, f.Stream, f.stream, f.current_stream)
+    for _ in range(6):
+        runner.run()
+    assert len(calls) == 6  # 2 warm-up frames, the frame whose capture failed, then eager
+    assert runner.mode == "off" and runner.api is None
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(warnings) == 1 and "graph capture failed" in warnings[0] and "decoding eagerly" in warnings[0]
