@@ -272,8 +272,6 @@ class DecodeState:
 
     num_delay: object  # [B] codebooks released so far (codebook c > num_delay stays BOS)
     remaining: object  # [B] frames until the last codebook closes; -1 = no EOS seen yet
-    finished: object  # [B] bool
-    n_frames: object  # [B] frames kept (frame 0 included), fixed when a row finishes
     window: object  # [B, W, C] last RAS window of audio frames (-1 = empty)
 
 
@@ -309,14 +307,7 @@ def sample_frame(logits, state: DecodeState, params: SamplingParams, noise, ras_
     remaining = torch.where(opening, num_cb - first_eos - 1, remaining)
     done_now = (closing | opening) & (remaining <= 0)
 
-    new_state = DecodeState(
-        num_delay=num_delay,
-        remaining=torch.where(done_now, -1, remaining),
-        finished=state.finished | done_now,
-        n_frames=state.n_frames,
-        window=state.window,
-    )
-    return codes, new_state, done_now
+    return codes, DecodeState(num_delay, torch.where(done_now, -1, remaining), state.window), done_now
 
 
 def revert_delay_pattern(codes):
@@ -705,7 +696,7 @@ def decode_step(model, cache, bufs: DecodeBuffers, params: SamplingParams, cfg) 
     )
     logits = out.logits[:, -1].float().reshape(batch, num_cb, cfg.codebook_size)
     window = torch.cat([bufs.window[:, 1:], bufs.frame[:, None]], dim=1)  # RAS sees the frame just fed
-    state = DecodeState(bufs.num_delay, bufs.remaining, bufs.finished, bufs.n_frames, window)
+    state = DecodeState(bufs.num_delay, bufs.remaining, window)
     codes, new, done_now = sample_frame(logits, state, params, bufs.noise, bufs.ras_noise, cfg)
     # rows that finished earlier stop changing: they keep emitting EOS
     codes = torch.where(bufs.finished[:, None], cfg.audio_stream_eos_id, codes)

@@ -17,8 +17,6 @@ def fresh_state(batch=1, window=1):
     return DecodeState(
         num_delay=torch.zeros(batch, dtype=torch.long),
         remaining=torch.full((batch,), -1, dtype=torch.long),
-        finished=torch.zeros(batch, dtype=torch.bool),
-        n_frames=torch.zeros(batch, dtype=torch.long),
         window=torch.full((batch, window, 8), -1, dtype=torch.long),
     )
 
