@@ -560,7 +560,6 @@ class Engine:
         timings["decode_s"] = time.perf_counter() - t1
         timings["decode_steps"] = steps
         timings["graph"] = "compile" if self.graph == "compile" else runner.mode
-        self.last_graph_mode = runner.mode
 
         n_frames = bufs.n_frames.cpu().tolist()
         finished = bufs.finished.cpu().tolist()
