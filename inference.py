@@ -559,7 +559,7 @@ class Engine:
             bar.close()
         timings["decode_s"] = time.perf_counter() - t1
         timings["decode_steps"] = steps
-        timings["graph"] = "compile" if self.graph == "compile" else runner.mode
+        timings["graph"] = runner.mode
 
         n_frames = bufs.n_frames.cpu().tolist()
         finished = bufs.finished.cpu().tolist()
@@ -583,7 +583,7 @@ class Engine:
 
         cache_len = -(-min_cache_len // 256) * 256
         sampled = not params.greedy or params.ras
-        key = (batch, cache_len, max_frames, window_len, sampled, asdict(params) | {"max_new_tokens": 0},
+        key = (batch, cache_len, max_frames, asdict(params) | {"max_new_tokens": 0},
                self.graph, self.compile_backend, str(self.device))
         ctx = getattr(self, "_ctx", None)
         if ctx is not None and ctx.key == key:
@@ -599,7 +599,10 @@ class Engine:
         def step():
             step_fn(model, cache, bufs, params, cfg)
 
-        self._ctx = DecodeContext(key, cache, bufs, StepRunner(step, self.device, self.graph_enabled()))
+        runner = StepRunner(step, self.device, self.graph_enabled())
+        if self.graph == "compile":
+            runner.mode = "compile"
+        self._ctx = DecodeContext(key, cache, bufs, runner)
         return self._ctx
 
     def graph_enabled(self) -> bool:
@@ -814,6 +817,8 @@ def graph_api(device):
 def load_engine(model_path, tokenizer_path, device=None, dtype=None, log=None, graph="auto") -> Engine:
     """The one loader: CLI, selftest, eval, convert_weights' smoke check and tests all use it."""
     log = log or (lambda msg: None)
+    if graph not in ("auto", "on", "off", "compile"):
+        raise UserError(f"--graph {graph}: expected auto, on, off or compile")
     model_path, tokenizer_path = Path(model_path), Path(tokenizer_path)
     config = check_model_dir(model_path)
     check_tokenizer_dir(tokenizer_path)
@@ -870,8 +875,6 @@ def load_engine(model_path, tokenizer_path, device=None, dtype=None, log=None, g
         chat_template=(model_path / "chat_template.jinja").read_text(), **token_args,
     )
     engine = Engine(model, processor, audio_tokenizer, device, torch_dtype, reason, time.perf_counter() - t0)
-    if graph not in ("auto", "on", "off", "compile"):
-        raise UserError(f"--graph {graph}: expected auto, on, off or compile")
     engine.graph = graph
     return engine
 
