@@ -596,37 +596,23 @@ def _acoustic_name(key: str, prefix: str, native: str, nb: int):
     parts = key[len(prefix):].split(".")
     top = int(parts[0])
     rest = parts[1:]
-    if native == "acoustic_encoder":
-        if top == 0:
-            return "acoustic_encoder.conv1", rest
-        if top == nb + 1:
-            return "acoustic_encoder.snake1", rest
-        if top == nb + 2:
-            return "acoustic_encoder.conv2", rest
-        if 1 <= top <= nb and rest[:1] == ["block"]:
-            j = int(rest[1])
-            base = f"acoustic_encoder.block.{top - 1}"
-            if j <= 2:  # ResidualUnit(dilation 1, 3, 9)
-                k = int(rest[3])
-                return f"{base}.res_unit{j + 1}.{['snake1', 'conv1', 'snake2', 'conv2'][k]}", rest[4:]
-            return (f"{base}.snake1", rest[2:]) if j == 3 else (f"{base}.conv1", rest[2:])
-    else:
-        if top == 0:
-            return "acoustic_decoder.conv1", rest
-        if top == nb + 1:
-            return "acoustic_decoder.snake1", rest
-        if top == nb + 2:
-            return "acoustic_decoder.conv2", rest
-        if 1 <= top <= nb and rest[:1] == ["block"]:
-            j = int(rest[1])
-            base = f"acoustic_decoder.block.{top - 1}"
-            if j == 0:
-                return f"{base}.snake1", rest[2:]
-            if j == 1:
-                return f"{base}.conv_t1", rest[2:]
-            k = int(rest[3])
-            return f"{base}.res_unit{j - 1}.{['snake1', 'conv1', 'snake2', 'conv2'][k]}", rest[4:]
-    return None
+    outer = {0: "conv1", nb + 1: "snake1", nb + 2: "conv2"}  # the same in encoder and decoder
+    if top in outer:
+        return f"{native}.{outer[top]}", rest
+    if not (1 <= top <= nb and rest[:1] == ["block"]):
+        return None
+    j = int(rest[1])
+    base = f"{native}.block.{top - 1}"
+    unit = ["snake1", "conv1", "snake2", "conv2"]  # ResidualUnit's Sequential
+    if native == "acoustic_encoder":  # block: 3 ResidualUnits (dilation 1, 3, 9), snake, conv
+        if j <= 2:
+            return f"{base}.res_unit{j + 1}.{unit[int(rest[3])]}", rest[4:]
+        return (f"{base}.snake1", rest[2:]) if j == 3 else (f"{base}.conv1", rest[2:])
+    if j == 0:  # decoder block: snake, transposed conv, 3 ResidualUnits
+        return f"{base}.snake1", rest[2:]
+    if j == 1:
+        return f"{base}.conv_t1", rest[2:]
+    return f"{base}.res_unit{j - 1}.{unit[int(rest[3])]}", rest[4:]
 
 
 def _semantic_name(key: str) -> str:
