@@ -91,7 +91,7 @@ def code_metrics(codes, cfg) -> dict:
     aligned = inference.revert_delay_pattern(codes)
     bos = cfg.audio_stream_bos_id
     a = aligned.cpu().numpy()
-    valid_rows = (a < bos).all(axis=1) if a.size else np.zeros(0, dtype=bool)
+    valid_rows = inference.valid_frame_mask(aligned, bos).cpu().numpy()
     entropy = []
     for c in range(codes.shape[1]):
         col = a[:, c][a[:, c] < bos] if a.size else a[:0, 0]

@@ -12,6 +12,7 @@ import it from here.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -323,6 +324,11 @@ def revert_delay_pattern(codes):
     return torch.stack([codes[c + 1 : c + 1 + n, c] for c in range(num_cb)], dim=1)
 
 
+def valid_frame_mask(aligned, bos_id: int):
+    """[T, C] aligned codes -> [T] bool: frames with a real code (< BOS) in every codebook."""
+    return (aligned < bos_id).all(dim=1)
+
+
 # --------------------------------------------------------------------------- engine
 
 
@@ -354,6 +360,8 @@ class Engine:
         self.chat_template = processor.chat_template
         self.graph = "auto"  # decode step capture: auto (on for cuda/npu) | on | off | compile
         self.compile_backend = "inductor"  # for graph == "compile"
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40)
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     # ---------------- sizes for the report
     @property
@@ -529,7 +537,7 @@ class Engine:
                 position_ids=position_ids.to(device),
                 audio_input_ids=None if audio is None else audio.to(device),
                 audio_input_ids_mask=None if audio_mask is None else audio_mask.to(device),
-                past_key_values=cache,
+                **{self.cache_kwarg: cache},
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -593,15 +601,20 @@ class Engine:
         cache = StaticCache(config=self.config, max_cache_len=cache_len)
         bufs = DecodeBuffers.create(batch, self.config.num_codebooks, self.config.codebook_size, max_frames,
                                     cache_len, window_len, self.device, sampled)
-        step_fn = self._compiled_step() if self.graph == "compile" else decode_step
-        model, cfg = self.model, self.config
+        model, cfg, cache_kwarg = self.model, self.config, self.cache_kwarg
+        eager_step = decode_step  # looked up now: a context keeps the step it was built with
 
         def step():
-            step_fn(model, cache, bufs, params, cfg)
+            eager_step(model, cache, bufs, params, cfg, cache_kwarg)
 
-        runner = StepRunner(step, self.device, self.graph_enabled())
+        compiled = None
         if self.graph == "compile":
-            runner.mode = "compile"
+            compiled_step = self._compiled_step()
+
+            def compiled():
+                compiled_step(model, cache, bufs, params, cfg, cache_kwarg)
+
+        runner = StepRunner(step, self.device, self.graph_enabled(), compiled=compiled)
         self._ctx = DecodeContext(key, cache, bufs, runner)
         return self._ctx
 
@@ -680,7 +693,7 @@ class DecodeContext:
     runner: object
 
 
-def decode_step(model, cache, bufs: DecodeBuffers, params: SamplingParams, cfg) -> None:
+def decode_step(model, cache, bufs: DecodeBuffers, params: SamplingParams, cfg, cache_kwarg: str) -> None:
     """Forward one frame through the model, sample the next one, update `bufs` in place.
 
     Static shapes, no host sync, no random op: safe to capture as a CUDA/NPU graph and
@@ -693,7 +706,7 @@ def decode_step(model, cache, bufs: DecodeBuffers, params: SamplingParams, cfg) 
         audio_input_ids=bufs.frame[:, None, :],
         attention_mask=bufs.attention_mask,
         position_ids=bufs.position_ids,
-        past_key_values=cache,
+        **{cache_kwarg: cache},
         use_cache=True,
     )
     logits = out.logits[:, -1].float().reshape(batch, num_cb, cfg.codebook_size)
@@ -756,10 +769,11 @@ class StepRunner:
 
     WARMUP = 2
 
-    def __init__(self, step, device, enabled: bool):
+    def __init__(self, step, device, enabled: bool, compiled=None):
         self.step = step
         self.device = device
-        self.mode = "off"
+        self.compiled = compiled  # torch.compile'd step (--graph compile), tried first
+        self.mode = "compile" if compiled is not None else "off"
         self.graph = None
         self.calls = 0
         self.api = graph_api(device) if enabled else None
@@ -770,6 +784,20 @@ class StepRunner:
         if self.graph is not None:
             self.graph.replay()
             return
+        if self.compiled is not None:
+            first = self.calls == 0
+            self.calls += 1
+            try:
+                self.compiled()
+                return
+            except Exception as e:
+                if not first:  # compiling happens on the first call; a later error is a real one
+                    raise
+                # tracing failed before anything ran, so the buffers are untouched
+                print(f"warning: torch.compile of the decode step failed ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); decoding eagerly", file=sys.stderr)
+                self.compiled = None
+                self.mode = "off"
         if self.api is None:
             self.step()
             return
@@ -812,6 +840,27 @@ def graph_api(device):
     if graph_cls is None or not hasattr(m, "graph"):
         return None
     return graph_cls, m.graph, m.Stream, m.stream, m.current_stream
+
+
+def compare_graph_with_eager(engine: Engine, prompt: Prompt, params: SamplingParams, seed: int, frames: int):
+    """Run `frames` frames with the engine's graph mode, then eagerly; same seed, so the codes must be equal.
+
+    Returns (graph mode used, first frame that differs or None). A stale static buffer or a
+    missed in-place update in the captured step shows up here as other codes.
+    """
+    import torch
+
+    fast, timings = engine.generate([prompt], params, [seed], forced_frames=frames)
+    if timings["graph"] == "off":
+        return "off", None
+    mode = engine.graph
+    engine.graph = "off"
+    try:
+        eager, _ = engine.generate([prompt], params, [seed], forced_frames=frames)
+    finally:
+        engine.graph = mode
+    differ = (fast[0].codes != eager[0].codes).any(dim=1).nonzero()
+    return timings["graph"], (int(differ[0]) if len(differ) else None)
 
 
 def load_engine(model_path, tokenizer_path, device=None, dtype=None, log=None, graph="auto") -> Engine:
@@ -1052,7 +1101,7 @@ def report(engine: Engine, entry: dict, log) -> dict:
     stats = audio_stats(audio) if audio is not None else {"samples": 0, "duration_s": 0.0}
     gen_s = timings["prefill_s"] + decode_s
     rtf = gen_s / stats["duration_s"] if stats.get("duration_s") else None
-    valid = int((best["aligned"] < engine.config.audio_stream_bos_id).all(dim=1).sum()) if best["aligned"].numel() else 0
+    valid = int(valid_frame_mask(best["aligned"], engine.config.audio_stream_bos_id).sum())
     log(f"Generated {frames} frames in {gen_s:.2f}s (prefill {timings['prefill_s'] * 1000:.0f} ms, "
         f"{frames_per_s:.1f} frames/s = tokens/s, {1000 / frames_per_s:.1f} ms/frame)")
     log(f"Audio codes: {tuple(gen.codes.shape)} -> valid frames after delay revert: {valid}")
@@ -1271,6 +1320,14 @@ def selftest(args, log) -> int:
             raise AssertionError(f"unexpected codes: shape {tuple(codes.shape)}")
         fps = timings["decode_steps"] / timings["decode_s"]
         checks.append((f"prefill + 60 frames ({fps:.1f} frames/s, graph {timings['graph']})", time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        if timings["graph"] != "off":
+            mode, differs_at = compare_graph_with_eager(engine, prompt, params, args.seed, 60)
+            if differs_at is not None:
+                raise AssertionError(f"graph {mode} decode gives other codes than eager from frame {differs_at}")
+            checks.append((f"graph {mode} decode: 60 frames equal to eager", time.perf_counter() - t0))
+        elif engine.graph_enabled():
+            checks.append(("graph capture failed: decoding eagerly (slower; see the warning)", 0.0))
         t0 = time.perf_counter()
         aligned = revert_delay_pattern(codes)
         audio = engine.decode_audio(aligned)
