@@ -355,3 +355,31 @@ def test_engine_calls_no_deprecated_transformers_api(tiny_engine):
     deprecations = [f"{w.category.__name__}: {w.message}" for w in caught
                     if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert deprecations == []
+
+
+def test_noise_prefetch_keeps_the_draws_and_draws_before_a_host_sync(monkeypatch):
+    """The next chunk is drawn at a sync frame (while queued frames run), and the seeded stream is unchanged."""
+    assert inference.NOISE_CHUNK % inference.FINISHED_CHECK_EVERY == 0
+    cpu = torch.device("cpu")
+    plain = inference.NoiseSource([5, 6], 8, V, cpu)
+    ahead = inference.NoiseSource([5, 6], 8, V, cpu)
+    drawn_at, t = [], 0
+    real_draw = ahead._draw
+
+    def watched_draw():
+        drawn_at.append(t)
+        return real_draw()
+
+    monkeypatch.setattr(ahead, "_draw", watched_draw)
+
+    def buffers():
+        return SimpleNamespace(noise=torch.zeros(2, 8, V), ras_noise=torch.zeros(2, 8, V))
+
+    a, b = buffers(), buffers()
+    for t in range(1, 100):
+        plain.fill(a, t)
+        ahead.fill(b, t)
+        ahead.prefetch(t)
+        assert torch.equal(a.noise, b.noise) and torch.equal(a.ras_noise, b.ras_noise), t
+    assert drawn_at == [1, 32, 64, 96]
+    assert all(frame % inference.FINISHED_CHECK_EVERY == 0 for frame in drawn_at[1:])
