@@ -383,3 +383,23 @@ def test_noise_prefetch_keeps_the_draws_and_draws_before_a_host_sync(monkeypatch
         assert torch.equal(a.noise, b.noise) and torch.equal(a.ras_noise, b.ras_noise), t
     assert drawn_at == [1, 32, 64, 96]
     assert all(frame % inference.FINISHED_CHECK_EVERY == 0 for frame in drawn_at[1:])
+
+
+def test_reused_decode_context_keeps_every_address(tiny_engine):
+    """A captured graph replays on fixed addresses: the next generation must refill the same cache and buffers."""
+    params = SamplingParams(max_new_tokens=30)
+    tiny_engine._ctx = None
+    tiny_engine.generate([tiny_engine.build_prompt("First prompt.")], params, [1])
+    ctx = tiny_engine._ctx
+
+    def addresses():
+        tensors = [getattr(layer, name) for layer in ctx.cache.layers
+                   for name in ("keys", "values", "cumulative_length")]
+        tensors += [v for v in vars(ctx.bufs).values() if isinstance(v, torch.Tensor)]
+        return [t.data_ptr() for t in tensors]
+
+    before = addresses()
+    assert len(before) == 3 * tiny_engine.config.num_hidden_layers + 12
+    tiny_engine.generate([tiny_engine.build_prompt("A second, longer prompt with other words in it.")], params, [2])
+    assert tiny_engine._ctx is ctx
+    assert addresses() == before
