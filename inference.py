@@ -731,7 +731,11 @@ def decode_step(model, cache, bufs: DecodeBuffers, params: SamplingParams, cfg, 
 
 
 class NoiseSource:
-    """Gumbel noise (-log E, E ~ Exp(1)) from one seeded CPU generator per row: same draws on every device.
+    """Gumbel noise -log E, E = -log U ~ Exp(1), U ~ Uniform[0, 1), from one seeded CPU generator per row.
+
+    `uniform_` gives the same stream on every torch release and host CPU, so one seed picks the
+    same codes everywhere; `exponential_` does not (torch 2.6 on x86 takes MKL's, 2.9 its own)
+    and is 2.5x slower. U = 0 gives -inf noise: that code is never picked.
 
     Drawn `chunk` frames at a time and copied to the device in one transfer. The next chunk is
     drawn at the last frame of the current one (`prefetch`), while the device still works on the
@@ -756,8 +760,9 @@ class NoiseSource:
         import torch
 
         # per row: chunk frames x (sampling, RAS) noise, in a fixed order
-        draws = torch.stack([torch.empty(self.chunk, 2, *self.shape).exponential_(generator=g)
-                             for g in self.generators], dim=1).log_().neg_()  # [chunk, B, 2, C, V]
+        uniform = torch.stack([torch.empty(self.chunk, 2, *self.shape).uniform_(generator=g)
+                               for g in self.generators], dim=1)  # [chunk, B, 2, C, V]
+        draws = uniform.log_().neg_().log_().neg_()  # -log(-log U)
         if self.pin:
             draws = draws.pin_memory()
         return draws.to(self.device, non_blocking=True)
