@@ -573,6 +573,12 @@ def run_performance(engine, args, progress: Progress) -> dict:
                      f"stock {stock:.1f} tok/s ({row['stock']['ms_per_frame']:.2f} ms/frame), "
                      f"ours/stock {row['ratio_tokens_per_s']:.2f}x")
         budgets.append(row)
+    # a capture or compile failure decodes eagerly with one warning line; a gate must not pass that by
+    expected = "compile" if engine.graph == "compile" else ("on" if engine.graph_enabled() else "off")
+    used = sorted({b["ours"]["graph"] for b in budgets})
+    checks.append(check("performance: ours decoded in the requested graph mode", used == [expected], used,
+                        f"graph {expected} (--graph {engine.graph} on {engine.device.type})",
+                        "" if used == [expected] else "fell back to eager: see the warning line above"))
     accel = engine.device.type != "cpu"
     target_ratio = TARGET_RATIO_ACCEL if accel else TARGET_RATIO_CPU
     best_ratio = max(b["ratio_tokens_per_s"] or 0 for b in budgets)

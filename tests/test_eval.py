@@ -231,6 +231,26 @@ def test_mode_performance_alone(tiny_engine, tiny_ckpt, tmp_path):
         assert b["bytes_read_per_step"] > perf["weights_bytes_per_step"] > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["precision"] is None and len(summary["performance"]) == 2
+    assert check_status(perf["checks"], "requested graph mode") == {"PASS"}  # cpu auto: eager
+
+
+def test_graph_fallback_fails_the_performance_gate(tiny_engine, tmp_path, capsys):
+    def failing_backend(graph_module, example_inputs):
+        raise RuntimeError("this backend cannot compile the step")
+
+    tiny_engine._ctx = tiny_engine._compiled = None
+    tiny_engine.graph, tiny_engine.compile_backend = "compile", failing_backend
+    try:
+        rc = eval_audio.main(["--mode", "performance", "--tokens", "11", "--repeats", "1",
+                              "--output_dir", str(tmp_path)], engine=tiny_engine)
+    finally:
+        tiny_engine.graph, tiny_engine.compile_backend = "auto", "inductor"
+        tiny_engine._ctx = tiny_engine._compiled = None
+    assert rc == 1
+    perf = json.loads((tmp_path / "performance.json").read_text())
+    assert perf["budgets"][0]["ours"]["graph"] == "off"
+    assert check_status(perf["checks"], "requested graph mode") == {"FAIL"}
+    assert "torch.compile of the decode step failed" in capsys.readouterr().err
 
 
 def test_usage_mistakes_exit_2(tmp_path, capsys):
