@@ -801,7 +801,8 @@ class StepRunner:
         self.calls = 0
         self.api = graph_api(device) if enabled else None
         if enabled and self.api is None:
-            print(f"warning: no graph API for {device}; decoding eagerly", file=sys.stderr)
+            hint = " (torch.npu.NPUGraph needs CANN 8.1.RC1+ and torch_npu 7.0.0+)" if device.type == "npu" else ""
+            print(f"warning: no graph API for {device}{hint}; decoding eagerly", file=sys.stderr)
 
     def run(self) -> None:
         if self.graph is not None:
