@@ -949,6 +949,9 @@ def load_engine(model_path, tokenizer_path, device=None, dtype=None, log=None, g
     )
     engine = Engine(model, processor, audio_tokenizer, device, torch_dtype, reason, time.perf_counter() - t0)
     engine.graph = graph
+    if graph == "on" and device.type == "cpu":
+        print("warning: --graph on: a CPU has no graph capture; decoding eagerly (--graph compile compiles the "
+              "step instead)", file=sys.stderr)
     return engine
 
 

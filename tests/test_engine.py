@@ -274,6 +274,13 @@ def test_graph_mode_is_off_on_cpu_and_validated(tiny_ckpt, tiny_engine):
         inference.load_engine(*tiny_ckpt, device="cpu", dtype="float32", graph="sometimes")
 
 
+def test_graph_on_for_cpu_says_it_decodes_eagerly(tiny_ckpt, capsys):
+    engine = inference.load_engine(*tiny_ckpt, device="cpu", dtype="float32", graph="on")
+    assert not engine.graph_enabled()
+    warnings_ = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings_) == 1 and "decoding eagerly" in warnings_[0] and "--graph compile" in warnings_[0]
+
+
 class _FailingCapture:
     """A graph API whose capture fails, as a torch_npu build without a capturable op would."""
 
