@@ -96,10 +96,14 @@ def _copy(src, dst):
     return dst
 
 
-def test_loader_refuses_missing_shard(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("missing,message", [
+    ("model-00002-of-00003.safetensors", "missing model-00002-of-00003.safetensors"),
+    ("tokenizer.json", "no tokenizer.json"),
+])
+def test_loader_refuses_missing_model_file(tiny_ckpt, tmp_path, missing, message):
     model_dir = _copy(tiny_ckpt[0], tmp_path / "model")
-    (model_dir / "model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(inference.UserError, match="missing model-00002-of-00003.safetensors"):
+    (model_dir / missing).unlink()
+    with pytest.raises(inference.UserError, match=message):
         inference.load_engine(model_dir, tiny_ckpt[1], "cpu", "float32")
 
 
@@ -111,13 +115,6 @@ def test_loader_refuses_wrong_shape(tiny_ckpt, tmp_path):
     tensors[key] = tensors[key][..., :-1].contiguous()
     save_file(tensors, str(shard), metadata={"format": "pt"})
     with pytest.raises(inference.UserError, match="cannot load the checkpoint"):
-        inference.load_engine(model_dir, tiny_ckpt[1], "cpu", "float32")
-
-
-def test_loader_refuses_missing_tokenizer_file(tiny_ckpt, tmp_path):
-    model_dir = _copy(tiny_ckpt[0], tmp_path / "model")
-    (model_dir / "tokenizer.json").unlink()
-    with pytest.raises(inference.UserError, match="no tokenizer.json"):
         inference.load_engine(model_dir, tiny_ckpt[1], "cpu", "float32")
 
 
