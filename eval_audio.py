@@ -958,9 +958,8 @@ def evaluate(args, out_dir: Path, engine=None, log=print) -> int:
         }
         inference.write_json_atomic(out_dir / "summary.json", summary)
         page = render_html(summary, precision, performance, out_dir)
-        tmp_html = out_dir / ".report.html.tmp"
-        tmp_html.write_text(page, encoding="utf-8")
-        os.replace(tmp_html, out_dir / "report.html")
+        with inference.atomic_output(out_dir / "report.html") as tmp_html:
+            tmp_html.write_text(page, encoding="utf-8")
         for c in checks:
             if c["status"] != PASS:
                 log(f"  {c['status']}  {c['name']}: {c['value']} (threshold: {c['threshold']})")

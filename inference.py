@@ -20,6 +20,7 @@ import re
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -1010,34 +1011,33 @@ def judge_attempt(text: str, codes, audio) -> str | None:
 # --------------------------------------------------------------------------- output
 
 
+@contextmanager
+def atomic_output(path: Path):
+    """Yields a temp path beside `path`, renamed over it when the block succeeds, removed when it fails."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_wav_atomic(path: Path, audio) -> None:
     """PCM_16 mono 24 kHz, through a temp file and a rename: never a half-written WAV."""
     import numpy as np
     import soundfile as sf
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        sf.write(tmp, np.clip(np.nan_to_num(audio), -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp:
+        sf.write(str(tmp), np.clip(np.nan_to_num(audio), -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16", format="WAV")
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def load_reference_audio(path: str):
