@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+import checkpoints  # noqa: E402
 import inference  # noqa: E402  (stdlib-only at import time)
 from inference import UserError, log, run_cli  # noqa: E402
 
@@ -69,29 +70,10 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise UserError(f"{path} is truncated or not a safetensors file ({size} bytes)")
-                n = struct.unpack("<Q", head)[0]
-                if 8 + n > size:
-                    raise UserError(f"{path} is truncated: its header needs {8 + n} bytes, the file has {size}")
-                header = json.loads(f.read(n))
-        except OSError as e:
-            raise UserError(f"{path}: cannot read ({e.strerror})") from None
-        except ValueError as e:
-            raise UserError(f"{path}: not a safetensors file ({e})") from None
-        header.pop("__metadata__", None)
+        header = checkpoints.read_header(path)  # types, offsets and truncation checked
+        with open(path, "rb") as f:
+            self.data_start = 8 + struct.unpack("<Q", f.read(8))[0]
         self.entries = header
-        self.data_start = 8 + n
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
-        if self.data_start + end > size:
-            raise UserError(
-                f"{path} is truncated: {size} bytes, its tensors need {self.data_start + end} "
-                "(re-download this shard)"
-            )
         for name, e in header.items():
             if e["dtype"] not in ST_DTYPES:
                 raise UserError(f"{path}: tensor {name} has unsupported dtype {e['dtype']}")
@@ -506,15 +488,13 @@ def plan_model(src: Path, keep_text_head: bool) -> Plan:
 
 
 def write_model_folder(plan: Plan, out: Path, log) -> None:
-    import tiny_checkpoints
-
     names = write_sharded(out, plan.targets)
     log(f"  wrote {len(names)} shard(s) + index ({len(plan.targets)} tensors)")
     plan.config.save_pretrained(out)
-    tiny_checkpoints.generation_config_for(plan.config).save_pretrained(out)
+    checkpoints.generation_config_for(plan.config).save_pretrained(out)
     for name, path in plan.extra_files.items():
         shutil.copyfile(path, out / name)
-    tiny_checkpoints.write_processor_files(out, None)  # chat_template.jinja + processor_config.json
+    checkpoints.write_processor_files(out)  # chat_template.jinja + processor_config.json
     log("  wrote config.json, generation_config.json, tokenizer files, chat_template.jinja, processor_config.json")
 
 
@@ -525,6 +505,7 @@ def verify_model(path: Path, log) -> None:
     from transformers.utils import logging as hf_logging
 
     config = inference.check_model_dir(path)
+    checkpoints.verify_folder("model", path, config)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
@@ -533,10 +514,7 @@ def verify_model(path: Path, log) -> None:
         tokenizer = AutoTokenizer.from_pretrained(path)
     finally:
         hf_logging.set_verbosity_warning()
-    problems = {k: v for k, v in info.items() if v and k != "unexpected_keys"}
-    unexpected = [k for k in info.get("unexpected_keys", []) if k != "text_lm_head.weight"]
-    if problems or unexpected:
-        raise UserError(f"verification: the converted model does not load cleanly: {problems or unexpected}")
+    checkpoints.check_loading_info("model", path, info)
     messages = [
         {"role": "system", "content": [{"type": "text", "text": inference.SYSTEM_MESSAGE}]},
         {"role": "scene", "content": [{"type": "text", "text": inference.DEFAULT_SCENE}]},
@@ -575,15 +553,35 @@ def fold_weight_norm(g, v):
 def load_pth(path: Path) -> dict:
     import torch
 
+    import pickle
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        zipped = zipfile.is_zipfile(path)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if not zipped and head == b"PK":
+        raise UserError(f"{path} is truncated (a zip archive without its end); re-download Boson's audio tokenizer")
+    if not zipped and head[:1] != b"\x80":  # torch.save writes a zip, or (legacy) a pickle: protocol byte 0x80
+        raise UserError(f"{path} is not a PyTorch checkpoint (neither torch.save's zip format nor its legacy "
+                        "pickle); re-download Boson's audio tokenizer")
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # legacy (non-zip) format cannot be mmapped
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing") from None
-    except Exception as e:  # unpickling refuses anything but tensors and containers
-        raise UserError(f"{path} cannot be loaded safely (weights_only): {str(e).splitlines()[0]}") from None
+    except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and containers
+        lines = str(e).splitlines() or [type(e).__name__]
+        why = next((line.strip() for line in lines if "Unsupported" in line), lines[0])
+        raise UserError(f"{path} cannot be loaded safely (weights_only): {why}") from None
+    except Exception as e:  # torch reports a truncated or garbled file with many error types (EOFError, KeyError, ...)
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{path} is truncated or not a PyTorch checkpoint ({type(e).__name__}"
+                        f"{': ' + detail[:120] if detail else ''}); re-download Boson's audio tokenizer") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -846,10 +844,7 @@ def write_tokenizer_folder(plan: Plan, out: Path, log) -> None:
 
     write_safetensors(out / "model.safetensors", plan.targets)
     plan.config.save_pretrained(out)
-    DacFeatureExtractor(
-        feature_size=1, hop_length=1, padding_side="right", padding_value=0.0,
-        sampling_rate=plan.config.sample_rate, return_attention_mask=True,
-    ).save_pretrained(out)
+    DacFeatureExtractor(**checkpoints.feature_extractor_args(plan.config.sample_rate)).save_pretrained(out)
     log(f"  wrote model.safetensors ({len(plan.targets)} tensors), config.json, preprocessor_config.json")
 
 
@@ -860,16 +855,14 @@ def verify_tokenizer(path: Path, log) -> None:
     from transformers import HiggsAudioV2TokenizerModel
     from transformers.utils import logging as hf_logging
 
-    inference.check_tokenizer_dir(path)
+    checkpoints.verify_folder("tokenizer", path, inference.check_tokenizer_dir(path))
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         model, info = HiggsAudioV2TokenizerModel.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     finally:
         hf_logging.set_verbosity_warning()
-    problems = {k: v for k, v in info.items() if v}
-    if problems:
-        raise UserError(f"verification: the converted tokenizer does not load cleanly: {problems}")
+    checkpoints.check_loading_info("tokenizer", path, info)
     model.eval()
     shim = type("TokenizerOnly", (), {"audio_tokenizer": model, "device": torch.device("cpu")})()
     wave = (0.1 * np.sin(2 * np.pi * 220 * np.arange(24000) / 24000)).astype(np.float32)
@@ -886,6 +879,67 @@ def verify_tokenizer(path: Path, log) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+COUNT = ("a positive integer", lambda v: _is_int(v) and v > 0)
+ID = ("an integer >= 0", lambda v: _is_int(v) and v >= 0)
+OPTIONAL_ID = ("an integer >= 0 or null", lambda v: v is None or _is_int(v) and v >= 0)
+# the fields of Boson's original config.json files that the converter reads, with the type each must have
+ORIGINAL_FIELDS = {
+    "model": {
+        "audio_num_codebooks": COUNT, "audio_codebook_size": COUNT, "audio_out_token_idx": ID,
+        "audio_out_bos_token_id": ID, "audio_stream_bos_id": ID, "audio_stream_eos_id": ID, "pad_token_id": OPTIONAL_ID,
+        "audio_decoder_proj_num_layers": ID, "audio_adapter_type": ("a string", lambda v: isinstance(v, str)),
+        "audio_dual_ffn_layers": ("a list of layer numbers or null",
+                                  lambda v: v is None or isinstance(v, list) and all(_is_int(x) for x in v)),
+    },
+    "text_config": {
+        "num_hidden_layers": COUNT, "hidden_size": COUNT, "num_attention_heads": COUNT, "intermediate_size": COUNT,
+        "num_key_value_heads": ("a positive integer or null", lambda v: v is None or _is_int(v) and v > 0),
+        "head_dim": ("a positive integer or null", lambda v: v is None or _is_int(v) and v > 0),
+        "max_position_embeddings": COUNT, "pad_token_id": OPTIONAL_ID, "bos_token_id": OPTIONAL_ID,
+        "rms_norm_eps": ("a number", _is_number), "rope_theta": ("a number", _is_number),
+        "rope_scaling": ("an object or null", lambda v: v is None or isinstance(v, dict)),
+        "rope_parameters": ("an object or null", lambda v: v is None or isinstance(v, dict)),
+        "hidden_act": ("a string", lambda v: isinstance(v, str)),
+    },
+    "tokenizer": {
+        "n_q": COUNT, "bins": COUNT, "D": COUNT, "sample_rate": COUNT, "semantic_sample_rate": COUNT,
+        "codebook_dim": COUNT, "n_filters": COUNT,
+        "ratios": ("a non-empty list of positive integers",
+                   lambda v: isinstance(v, list) and v and all(_is_int(x) and x > 0 for x in v)),
+        "target_bandwidths": ("a non-empty list of positive numbers",
+                              lambda v: isinstance(v, list) and v and all(_is_number(x) and x > 0 for x in v)),
+        "semantic_techer": ("a string", lambda v: isinstance(v, str)),
+    },
+}
+TEXT_REQUIRED = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+
+
+def check_original_config(path: Path, cfg: dict, kind: str) -> None:
+    """Every field the converter reads has the type Boson's files give it: one line, not a TypeError later."""
+    def check(fields: dict, where: str, values: dict) -> None:
+        for key, (what, ok) in fields.items():
+            if key in values and not ok(values[key]):
+                raise UserError(f"{path}: {where}{key} is {values[key]!r}, expected {what}")
+
+    check(ORIGINAL_FIELDS[kind], "", cfg)
+    if kind == "model":
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise UserError(f"{path}: text_config is {text!r}, expected an object (the text model's sizes)")
+        missing = [k for k in TEXT_REQUIRED if k not in text]
+        if missing:
+            raise UserError(f"{path}: text_config has no {', '.join(missing)}")
+        check(ORIGINAL_FIELDS["text_config"], "text_config.", text)
+
+
 def detect_kind(src: Path) -> tuple[str, bool]:
     """(kind, is_native) from the folder's files."""
     if not src.is_dir():
@@ -896,6 +950,7 @@ def detect_kind(src: Path) -> tuple[str, bool]:
     cfg = inference.read_json(cfg_path)
     model_type = cfg.get("model_type")
     if model_type == "higgs_audio":
+        check_original_config(cfg_path, cfg, "model")
         return "model", False
     if model_type == "higgs_audio_v2":
         return "model", True
@@ -904,6 +959,7 @@ def detect_kind(src: Path) -> tuple[str, bool]:
     if (src / "model.pth").is_file() or all(k in cfg for k in ORIGINAL_TOKENIZER_KEYS):
         if not (src / "model.pth").is_file():
             raise UserError(f"--src {src}: an original audio-tokenizer config.json without model.pth")
+        check_original_config(cfg_path, cfg, "tokenizer")
         return "tokenizer", False
     raise UserError(f"--src {src}: config.json has model_type {model_type!r}; expected Boson's original "
                     "generation model (higgs_audio) or audio tokenizer (config.json + model.pth)")

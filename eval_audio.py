@@ -172,7 +172,9 @@ class Progress:
     def __init__(self, total: int):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True, leave=False)
+        # a bar belongs on a terminal; in a log file it is a wall of carriage returns
+        self.bar = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True, leave=False,
+                        disable=not sys.stderr.isatty())
 
     def step(self, desc: str) -> None:
         self.bar.set_description(desc)
@@ -185,6 +187,11 @@ class Progress:
 
         tqdm.write(msg, file=sys.stdout)
         sys.stdout.flush()
+
+    def warn(self, msg: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"warning: {msg}", file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()
@@ -535,6 +542,24 @@ def kv_bytes_per_token(engine) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem
 
 
+def tokens_per_s(run: dict) -> float:
+    return run["decode_steps"] / run["decode_s"] if run["decode_s"] > 0 else math.inf
+
+
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
+def warn_if_loaded(load: float | None, cores: int | None, progress: Progress, at_end: bool = False) -> None:
+    if load is not None and cores and load > cores:
+        progress.warn(f"load average {load:.1f} {'rose above' if at_end else 'exceeds'} the {cores} cores: other "
+                      "work competes for the CPU, so these timings are noisy (the ours/stock ratio less so: "
+                      "the runs alternate)")
+
+
 def run_performance(engine, args, progress: Progress) -> dict:
     params = SamplingParams(max_new_tokens=max(args.tokens))
     prompt = engine.build_prompt(args.text)
@@ -545,34 +570,49 @@ def run_performance(engine, args, progress: Progress) -> dict:
     weights = engine.decode_bytes_per_frame()
     kv = kv_bytes_per_token(engine)
     seed = args.seeds[0]
+    load = {"cores": os.cpu_count(), "start": load_average()}
+    warn_if_loaded(load["start"], load["cores"], progress)
     budgets, checks = [], []
+    contenders = (("ours", run_ours), ("stock", run_stock))
     for n in args.tokens:
         bytes_per_step = weights + kv * (prompt_len + n // 2)
         row = {"tokens": n, "bytes_read_per_step": bytes_per_step}
-        for name, fn in (("ours", run_ours), ("stock", run_stock)):
+        for name, fn in contenders:
             progress.step(f"performance: {name} {n} tokens warm-up")
             fn(engine, prompt, params, n, seed)
             progress.done()
-            runs = []
-            for r in range(args.repeats):
+        # ours, stock, ours, stock, ...: a burst of load elsewhere hits both halves of a pair alike, so the
+        # per-pair ratio stays honest where a ratio of two separately timed blocks would not
+        runs = {name: [] for name, _ in contenders}
+        for r in range(args.repeats):
+            for name, fn in contenders:
                 progress.step(f"performance: {name} {n} tokens {r + 1}/{args.repeats}")
-                runs.append(fn(engine, prompt, params, n, seed))
+                runs[name].append(fn(engine, prompt, params, n, seed))
                 progress.done()
-            row[name] = summarize_runs(runs, bytes_per_step, copy["gb_s"])
-            ok = all(x["frames"] == n for x in runs)
+        for name, _ in contenders:
+            row[name] = summarize_runs(runs[name], bytes_per_step, copy["gb_s"])
+            ok = all(x["frames"] == n for x in runs[name])
             checks.append(check(f"performance: {name} ran the whole {n}-token budget", ok,
-                                [x["frames"] for x in runs], f"frames == {n}"))
+                                [x["frames"] for x in runs[name]], f"frames == {n}"))
             if name == "ours":
-                fin = all(x["finite"] for x in runs)
+                fin = all(x["finite"] for x in runs[name])
                 checks.append(check(f"performance: ours {n} tokens gives finite audio", fin, fin, "no NaN/Inf"))
         ours, stock = row["ours"]["decode_tokens_per_s"]["median"], row["stock"]["decode_tokens_per_s"]["median"]
-        row["ratio_tokens_per_s"] = round(ours / stock, 3) if stock else None
+        pairs = [tokens_per_s(o) / tokens_per_s(st) for o, st in zip(runs["ours"], runs["stock"])
+                 if tokens_per_s(st) > 0]
+        row["ratio_tokens_per_s"] = round(statistics.median(pairs), 3) if pairs else None
+        row["ratio_pairs"] = [round(x, 3) for x in pairs]
+        row["ratio_spread"] = {"min": round(min(pairs), 3), "max": round(max(pairs), 3)} if pairs else None
         row["ratio_prefill"] = round(row["stock"]["prefill_ms"] / row["ours"]["prefill_ms"], 3) \
             if row["ours"]["prefill_ms"] else None
+        spread = row["ratio_spread"] or {"min": math.nan, "max": math.nan}
         progress.log(f"performance: {n} tokens: ours (graph {row['ours']['graph']}) {ours:.1f} tok/s ({row['ours']['ms_per_frame']:.2f} ms/frame), "
                      f"stock {stock:.1f} tok/s ({row['stock']['ms_per_frame']:.2f} ms/frame), "
-                     f"ours/stock {row['ratio_tokens_per_s']:.2f}x")
+                     f"ours/stock {row['ratio_tokens_per_s'] or math.nan:.2f}x "
+                     f"(pairs {spread['min']:.2f}-{spread['max']:.2f})")
         budgets.append(row)
+    load["end"] = load_average()
+    warn_if_loaded(load["end"], load["cores"], progress, at_end=True)
     # a capture or compile failure decodes eagerly with one warning line; a gate must not pass that by
     expected = engine.requested_graph_mode()
     used = sorted({b["ours"]["graph"] for b in budgets})
@@ -590,6 +630,8 @@ def run_performance(engine, args, progress: Progress) -> dict:
         "sampling": vars(params) | {"note": "max_new_tokens replaced by each budget; EOS ignored (forced)"},
         "repeats": args.repeats,
         "warmup_runs": 1,
+        "order": "per budget: one warm-up each, then ours and stock alternate (ours, stock, ours, stock, ...)",
+        "load_average": load,
         "definitions": {
             "graph": "ours: decode step mode the engine reported (on = CUDA/NPU graph replay, off = eager, "
                      "compile = torch.compile)",
@@ -599,6 +641,8 @@ def run_performance(engine, args, progress: Progress) -> dict:
             "bytes_read_per_step": "weights one audio decode step reads (no text MLP / text head / text embeddings) "
                                    "+ KV cache at the mean context (prompt + tokens/2)",
             "bandwidth_gb_s": "bytes_read_per_step x median tokens/s",
+            "ratio_tokens_per_s": "median over the repeats of ours / stock tokens/s of each back-to-back pair; "
+                                  "ratio_spread: the smallest and largest pair",
             "stock": "transformers model.generate(do_sample, temperature, top_k, top_p, eos_token_id=None) on the "
                      "same model object, default (dynamic) KV cache",
         },
@@ -749,6 +793,13 @@ def _wav_card(title: str, wav_path: Path, stats: dict) -> str:
             f'<div class="muted">top: waveform, full height = &plusmn;{scale:g}; bottom: spectrogram 0-12 kHz, 80 dB range</div></div>')
 
 
+def _ratio_cell(budget: dict) -> str:
+    ratio, spread = budget["ratio_tokens_per_s"], budget.get("ratio_spread")
+    if ratio is None:
+        return "–"
+    return f"<b>{ratio:.2f}×</b>" + (f" ({spread['min']:.2f}–{spread['max']:.2f})" if spread else "")
+
+
 def render_html(summary: dict, precision: dict | None, performance: dict | None, out_dir: Path) -> str:
     env = summary["environment"]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Higgs Audio eval: {summary['status']}</title>"
@@ -779,12 +830,12 @@ def render_html(summary: dict, precision: dict | None, performance: dict | None,
                              _fmt(s["bandwidth_share_of_copy"]),
                              _fmt(None if s["peak_device_memory_bytes"] is None
                                   else round(s["peak_device_memory_bytes"] / 2**30, 3)),
-                             f"<b>{b['ratio_tokens_per_s']:.2f}×</b>" if name == "ours" else ""])
+                             _ratio_cell(b) if name == "ours" else ""])
         parts.append(_table(rows, ["tokens", "run", "tokens/s median (min–max)", "ms/frame", "prefill ms",
                                    "audio decode s", "RTF", "GB/s", "share of copy BW", "peak mem GiB",
-                                   "ours/stock"]))
+                                   "ours/stock median of pairs (min–max)"]))
         parts.append(f"<div class='muted'>copy bandwidth {performance['copy_bandwidth']['gb_s']} GB/s measured in "
-                     f"this run; {performance['repeats']} repeats after 1 warm-up; "
+                     f"this run; {performance['repeats']} repeats after 1 warm-up, ours and stock alternating; "
                      f"{html.escape(performance['definitions']['real_time_factor'])}</div>")
     parts.append("<h2>Checks</h2>")
     checks = (precision or {}).get("checks", []) + (performance or {}).get("checks", [])
@@ -845,15 +896,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_MEDIUM_LAYERS = 28  # the real model's depth
+
+
 def validate(args) -> None:
+    inference.check_utf8_args(args, "check the shell's encoding")
     if not args.text.strip():
         raise UserError("--text is empty")
+    for seed in args.seeds:
+        inference.check_seed(seed, flag="--seeds")
     if any(n < inference.MIN_FRAMES + 1 for n in args.tokens):
         raise UserError(f"--tokens: every budget must be >= {inference.MIN_FRAMES + 1} frames, got {args.tokens}")
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
-    if args.medium_layers < 1:
-        raise UserError(f"--medium_layers must be >= 1, got {args.medium_layers}")
+    if not 1 <= args.medium_layers <= MAX_MEDIUM_LAYERS:
+        raise UserError(f"--medium_layers must be from 1 to {MAX_MEDIUM_LAYERS} (the real model's depth), "
+                        f"got {args.medium_layers}")
     args.tokens = sorted(set(args.tokens))
     args.seeds = list(dict.fromkeys(args.seeds))
 
@@ -891,6 +949,10 @@ def evaluate(args, out_dir: Path, engine=None, log=print) -> int:
             engine = inference.load_engine(args.model_path, args.tokenizer_path, args.device, args.dtype, log=log,
                                            graph=args.graph)
         log(f"Model: {engine.num_params / 1e9:.3f} B parameters on {engine.device} ({_dtype_name(engine.dtype)})")
+        # the largest budget must fit before anything runs (precision decodes it too), not OOM halfway through
+        engine.check_decode_memory(1, len(engine.build_prompt(args.text).input_ids), max(args.tokens),
+                                   SamplingParams(max_new_tokens=max(args.tokens)), flag="--tokens")
+        inference.make_output_dir(out_dir)  # only now: a run that fails to load leaves no empty folder
         n_prec = len(args.seeds) + 3 + (2 if parity_wanted(engine, args) else 0)
         n_perf = len(args.tokens) * 2 * (1 + args.repeats)
         total = (n_prec if args.mode in ("all", "precision") else 0) + (n_perf if args.mode in ("all", "performance")
@@ -971,6 +1033,22 @@ def evaluate(args, out_dir: Path, engine=None, log=print) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_output_kinds(out_dir: Path, mode: str) -> None:
+    """What the run will write must not already exist as the other kind (a folder named report.html, a file
+    named audio): found now, not after minutes of measuring."""
+    files = ["summary.json", "report.html"]
+    files += ["precision.json"] if mode in ("all", "precision") else []
+    files += ["performance.json"] if mode in ("all", "performance") else []
+    for name in files:
+        if (out_dir / name).is_dir():
+            raise UserError(f"--output_dir {out_dir}: {name} there is a folder, but this run writes a file by that "
+                            "name: move it away or pick another --output_dir")
+    audio = out_dir / "audio"
+    if mode in ("all", "precision") and audio.exists() and not audio.is_dir():
+        raise UserError(f"--output_dir {out_dir}: audio there is a file, but this run writes its WAVs into a folder "
+                        "by that name: move it away or pick another --output_dir")
+
+
 def main(argv=None, engine=None) -> int:
     """CLI entry; `engine` lets tests reuse a loaded engine (then --model_path only serves --parity)."""
     args = build_parser().parse_args(argv)
@@ -978,6 +1056,7 @@ def main(argv=None, engine=None) -> int:
     def body() -> int:
         validate(args)
         out_dir = inference.prepare_output_dir(args.output_dir)
+        check_output_kinds(out_dir, args.mode)
         return evaluate(args, out_dir, engine=engine, log=inference.log)
 
     return inference.run_cli(body, "the reports were not finished")

@@ -24,6 +24,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import checkpoints
+from checkpoints import UserError, read_json  # noqa: F401  (scripts and tests import them from here)
+
 DEFAULT_TEXT = (
     "In the quiet of the morning, birds begin to sing as the first rays of sunlight "
     "paint the sky in shades of orange and pink."
@@ -37,10 +40,8 @@ MAX_UNITS_PER_SECOND = 7.0  # words (or CJK characters) per second, over twice a
 FINISHED_CHECK_EVERY = 16  # frames between host reads of "all rows finished"
 NOISE_CHUNK = 32  # frames of sampling noise per host draw; a multiple of FINISHED_CHECK_EVERY, so that
 # a chunk's last frame is a sync frame and the next chunk is drawn before that sync (NoiseSource.prefetch)
-
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line, no traceback."""
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts (negatives wrap mod 2**64)
+REENCODE_PAD = 320  # samples per side when the acoustic path of encode_audio comes out one frame short
 
 
 # --------------------------------------------------------------------------- device / dtype
@@ -91,6 +92,18 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def free_memory_bytes(device) -> int:
+    """What new tensors on `device` can still take: free device memory plus what torch's caching allocator
+    holds unused (a freed decode context lands there), or the host's MemAvailable for a CPU."""
+    import torch
+
+    if device.type in ("cuda", "npu"):
+        m = torch.cuda if device.type == "cuda" else torch.npu
+        free, _ = m.mem_get_info(device)
+        return free + m.memory_reserved(device) - m.memory_allocated(device)
+    return available_memory_bytes()
+
+
 def pick_dtype(requested: str | None, device, num_params: int):
     """auto: bf16 on accelerators; on CPU fp32 if it fits in free memory, else bf16."""
     import torch
@@ -135,15 +148,6 @@ def convert_hint(path: Path, kind: str) -> str:
     return f"python3 convert_weights.py --kind {kind} --src {path} --dst {path}-native"
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} cannot be read as JSON: {e}") from None
-
-
 def check_model_dir(path: str | os.PathLike) -> dict:
     """Validate a generation-model folder before the expensive load; return its config."""
     path = Path(path)
@@ -159,17 +163,7 @@ def check_model_dir(path: str | os.PathLike) -> dict:
         )
     if config.get("model_type") != "higgs_audio_v2":
         raise UserError(f"{path}/config.json: model_type {config.get('model_type')!r}, expected 'higgs_audio_v2'")
-    index_path = path / "model.safetensors.index.json"
-    if index_path.exists():
-        index = read_json(index_path)
-        shards = sorted(set(index.get("weight_map", {}).values()))
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise UserError(
-                f"{path} is incomplete: missing {', '.join(missing)} (re-run: bash download.sh)"
-            )
-    elif not (path / "model.safetensors").is_file():
-        raise UserError(f"{path} has no model.safetensors(.index.json) (re-run: bash download.sh)")
+    checkpoints.folder_tensors(path)  # index, shards and headers readable and consistent
     for name in ("tokenizer.json", "chat_template.jinja"):
         if not (path / name).is_file():
             raise UserError(f"{path} has no {name} (re-run: bash download.sh)")
@@ -194,18 +188,8 @@ def check_tokenizer_dir(path: str | os.PathLike) -> dict:
         )
     if not (path / "model.safetensors").is_file():
         raise UserError(f"{path} has no model.safetensors (re-run: bash download.sh)")
+    checkpoints.read_header(path / "model.safetensors")
     return config
-
-
-def count_checkpoint_params(path: Path, config: dict) -> int:
-    """Parameter count from the index metadata, without reading the weights."""
-    index_path = path / "model.safetensors.index.json"
-    bytes_per = {"bfloat16": 2, "float16": 2, "float32": 4}.get(config.get("dtype") or config.get("torch_dtype"), 2)
-    if index_path.exists():
-        total = read_json(index_path).get("metadata", {}).get("total_size")
-        if total:
-            return int(total) // bytes_per
-    return sum(f.stat().st_size for f in path.glob("*.safetensors")) // bytes_per
 
 
 # --------------------------------------------------------------------------- sampling
@@ -217,8 +201,8 @@ class SamplingParams:
     temperature: float = 0.3
     top_k: int = 50
     top_p: float = 0.95
-    ras_win_len: int = 7
-    ras_win_max_num_repeat: int = 2
+    ras_win_len: int = checkpoints.RAS_WIN_LEN  # Boson's generation_config.json
+    ras_win_max_num_repeat: int = checkpoints.RAS_WIN_MAX_NUM_REPEAT
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -295,7 +279,9 @@ def sample_frame(logits, state: DecodeState, params: SamplingParams, noise, ras_
     if params.ras:
         repeats = (state.window == codes[:, None, :]).sum(dim=1)
         resampled = race_sample(logits, ras_noise)  # raw logits: no temperature, as the original
-        codes = torch.where(repeats >= params.ras_win_max_num_repeat, resampled, codes)
+        # a count never exceeds the window, so a larger threshold acts the same (and 2**64 fits no tensor)
+        threshold = min(params.ras_win_max_num_repeat, state.window.shape[1] + 1)
+        codes = torch.where(repeats >= threshold, resampled, codes)
 
     cb = torch.arange(num_cb, device=codes.device)[None, :]
     codes = torch.where(cb > state.num_delay[:, None], bos, codes)
@@ -330,6 +316,22 @@ def revert_delay_pattern(codes):
 def valid_frame_mask(aligned, bos_id: int):
     """[T, C] aligned codes -> [T] bool: frames with a real code (< BOS) in every codebook."""
     return (aligned < bos_id).all(dim=1)
+
+
+def conv_stack_length(module, length: int) -> int:
+    """Output length after every Conv1d in `module`, in order (the codec's paths are plain conv stacks whose
+    residual branches keep the length); 0 when one of them would get less input than its kernel spans."""
+    import torch
+
+    for conv in (m for m in module.modules() if isinstance(m, torch.nn.Conv1d)):
+        if conv.padding == "same":
+            continue
+        padded = length + (0 if conv.padding == "valid" else 2 * conv.padding[0])
+        span = conv.dilation[0] * (conv.kernel_size[0] - 1) + 1
+        if padded < span:
+            return 0
+        length = (padded - span) // conv.stride[0] + 1
+    return length
 
 
 # --------------------------------------------------------------------------- engine
@@ -397,12 +399,25 @@ class Engine:
         return messages
 
     def build_prompt(self, text: str, scene: str | None = DEFAULT_SCENE, ref_codes=None, ref_text=None) -> Prompt:
-        """Render the chat template; `ref_codes` [C, T] puts a reference voice in the assistant turn."""
-        import torch
+        """Render the chat template and tokenize it; `ref_codes` [C, T] puts a reference voice in the assistant turn.
 
-        rendered = self.tokenizer.apply_chat_template(
+        User text is data, never control: only the template's own markers become control tokens. A special-token
+        string inside `text`, `scene` or `ref_text` (e.g. "<|eot_id|>") is neutralised, not refused: it is tokenized
+        as its ordinary byte-level pieces (transformers' `sanitize_control_tokens`). This is done here so that every
+        caller (CLI, eval_audio.py, a server) gets it. Prompts without such strings tokenize exactly as a plain
+        tokenization of the rendered template (Boson parity); the template's `| trim` of user text is kept.
+        """
+        import torch
+        import transformers
+
+        if "sanitize_control_tokens" not in inspect.signature(self.tokenizer.apply_chat_template).parameters:
+            # older releases would pass the flag to the template and silently parse user text as control tokens
+            raise UserError(f"transformers {transformers.__version__} cannot keep user text out of the prompt's "
+                            "control tokens (pip install 'transformers>=5.20,<6')")
+        ids = self.tokenizer.apply_chat_template(
             self.messages(text, scene, ref_text, with_ref=ref_codes is not None),
-            chat_template=self.chat_template, tokenize=False, add_generation_prompt=True,
+            chat_template=self.chat_template, add_generation_prompt=True,
+            tokenize=True, sanitize_control_tokens=True, return_dict=False,
         )
         audio_input_ids = None
         if ref_codes is not None:
@@ -415,12 +430,13 @@ class Engine:
                 dim=1,
             )
             delayed = self.processor.build_delay_pattern(with_markers[None])[0].T  # [Ta, C]
-            rendered = rendered.replace(
-                self.processor.audio_token, self.processor.get_audio_tokens(delayed.shape[0]), 1
-            )
+            # expand the template's audio token at id level: an <|AUDIO_OUT|> typed by the user is plain text
+            # by now, so it can neither be expanded nor shift the expansion
+            at = ids.index(self.tokenizer.convert_tokens_to_ids(self.processor.audio_token))
+            expanded = self.tokenizer.encode(self.processor.get_audio_tokens(delayed.shape[0]), add_special_tokens=False)
+            ids = ids[:at] + expanded + ids[at + 1:]
             audio_input_ids = delayed.cpu()
-        ids = self.tokenizer(rendered, add_special_tokens=False, return_tensors="pt").input_ids[0]
-        return Prompt(input_ids=ids, audio_input_ids=audio_input_ids, text=text)
+        return Prompt(input_ids=torch.tensor(ids, dtype=torch.long), audio_input_ids=audio_input_ids, text=text)
 
     # ---------------- reference audio
     def encode_audio(self, waveform):
@@ -438,11 +454,37 @@ class Engine:
             semantic = tok.encoder_semantic(tok._extract_semantic_features(x).transpose(1, 2))
             acoustic = tok.acoustic_encoder(x)
             if acoustic.shape[2] != semantic.shape[2]:
-                acoustic = tok.acoustic_encoder(F.pad(x, (320, 320)))
+                acoustic = tok.acoustic_encoder(F.pad(x, (REENCODE_PAD, REENCODE_PAD)))
             embeddings = torch.cat([acoustic, semantic], dim=1)
             embeddings = tok.fc(embeddings.transpose(1, 2)).transpose(1, 2)
             codes = tok.quantizer.encode(embeddings, tok.config.target_bandwidths[-1])
         return codes[:, 0].long()  # [C, T]
+
+    def min_audio_samples(self) -> int:
+        """Fewest 24 kHz samples encode_audio takes: both codec paths must give the same frame count, >= 1.
+
+        Worked out from the codec's own conv stack (kernel, stride, padding, dilation of every
+        Conv1d on each path), the way encode_audio feeds it; a shorter clip would stop in a conv
+        with "Kernel size can't be greater than actual input size".
+        """
+        if getattr(self, "_min_audio_samples", None) is None:
+            tok = self.audio_tokenizer
+            cfg = tok.config
+            factor = max(cfg.semantic_downsample_factor, 1)
+
+            def frames(n: int) -> int:
+                # _extract_semantic_features: resample (torchaudio keeps ceil(n * new / old)), pad 160 per side
+                sem = conv_stack_length(tok.semantic_model.feature_extractor,
+                                           math.ceil(n * cfg.semantic_sample_rate / cfg.sample_rate) + 2 * 160)
+                sem = conv_stack_length(tok.encoder_semantic, -(-sem // factor)) if sem else 0
+                acoustic = conv_stack_length(tok.acoustic_encoder, n)  # runs even when it comes out short
+                if acoustic and acoustic != sem:
+                    acoustic = conv_stack_length(tok.acoustic_encoder, n + 2 * REENCODE_PAD)
+                return sem if acoustic == sem else 0
+
+            limit = 100 * cfg.hop_length
+            self._min_audio_samples = next((n for n in range(1, limit) if frames(n) >= 1), limit)
+        return self._min_audio_samples
 
     def decode_audio(self, aligned_codes):
         """[T, C] codes (< 1024) -> float32 numpy waveform at 24 kHz."""
@@ -507,6 +549,8 @@ class Engine:
         import torch
 
         params.validate()
+        for seed in seeds:
+            check_seed(int(seed), flag="seed")
         cfg = self.config
         num_cb = cfg.num_codebooks
         batch = len(prompts)
@@ -514,7 +558,9 @@ class Engine:
         max_frames = forced_frames or params.max_new_tokens
         input_ids, mask, position_ids, audio, audio_mask = self._batch_inputs(prompts)
         prompt_len = input_ids.shape[1]
-        window_len = max(params.ras_win_len, 1)
+        # the window holds reference + generated frames, never more than the prompt + max_frames: a longer
+        # one would only hold empty (-1) slots, so capping it changes no count (and --ras_win_len 1e9 fits)
+        window_len = max(min(params.ras_win_len, prompt_len + max_frames), 1)
         ctx = self._decode_context(batch, prompt_len + max_frames, max_frames, window_len, params)
         cache, bufs = ctx.cache, ctx.bufs
         # One mask as long as the cache: left padding masked, causality comes from the cache slot.
@@ -596,13 +642,14 @@ class Engine:
 
         cache_len = -(-min_cache_len // 256) * 256
         sampled = not params.greedy or params.ras
-        key = (batch, cache_len, max_frames, asdict(params) | {"max_new_tokens": 0},
+        key = (batch, cache_len, max_frames, window_len, asdict(params) | {"max_new_tokens": 0},
                self.graph, self.compile_backend, str(self.device))
         ctx = getattr(self, "_ctx", None)
         if ctx is not None and ctx.key == key:
             ctx.cache.reset()
             return ctx
         self._ctx = None  # free the old cache before allocating the new one
+        self.check_decode_memory(batch, min_cache_len - max_frames, max_frames, params)
         cache = StaticCache(config=self.config, max_cache_len=cache_len)
         bufs = DecodeBuffers.create(batch, self.config.num_codebooks, self.config.codebook_size, max_frames,
                                     cache_len, window_len, self.device, sampled)
@@ -622,6 +669,49 @@ class Engine:
         runner = StepRunner(step, self.device, self.graph_enabled(), compiled=compiled)
         self._ctx = DecodeContext(key, cache, bufs, runner)
         return self._ctx
+
+    def decode_memory_bytes(self, batch: int, prompt_len: int, max_frames: int, params: SamplingParams):
+        """(device bytes, host bytes) one decode context takes: StaticCache + DecodeBuffers + noise + host copies."""
+        import torch
+
+        cfg = self.config
+        cache_len = -(-(prompt_len + max_frames) // 256) * 256
+        window_len = max(min(params.ras_win_len, prompt_len + max_frames), 1)
+        num_cb, long = cfg.num_codebooks, 8
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv = (cfg.num_hidden_layers * 2 * batch * cfg.num_key_value_heads * head_dim * cache_len
+              * torch.empty((), dtype=self.dtype).element_size())
+        sampled = not params.greedy or params.ras
+        noise = 2 * batch * num_cb * cfg.codebook_size * 4 * (1 + 2 * NOISE_CHUNK) if sampled else 0  # + 2 chunks
+        # mask, codes, window; then frame, position, num_delay, remaining, n_frames, finished (bool), t
+        device = kv + noise + batch * (cache_len + max_frames * num_cb + window_len * num_cb) * long
+        device += batch * (num_cb + 4) * long + batch + long
+        host = batch * (cache_len + max_frames * num_cb + window_len * num_cb) * long  # mask, codes copy, window
+        return device, host
+
+    def check_decode_memory(self, batch: int, prompt_len: int, max_frames: int, params: SamplingParams,
+                            flag: str = "--max_new_tokens") -> None:
+        """Refuse, before allocating, a decode the device (or the host) cannot hold: one error line, not an OOM."""
+        def over(frames):
+            device, host = self.decode_memory_bytes(batch, prompt_len, frames, params)
+            if self.device.type == "cpu":
+                return [("this machine", device + host, free_memory_bytes(self.device))]
+            return [(str(self.device), device, free_memory_bytes(self.device)),
+                    ("the host", host, available_memory_bytes())]
+
+        short = [(where, need, free) for where, need, free in over(max_frames) if need > free]
+        if not short:
+            return
+        where, need, free = short[0]
+        lo, hi = 0, max_frames  # the largest budget that fits, for the hint
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if all(n <= f for _, n, f in over(mid)) else (lo, mid - 1)
+        rows = f" x {batch} rows" if batch > 1 else ""
+        hint = (f"at most about {lo} fit" + (" (or lower --batch_size)" if batch > 1 else "")) if lo else \
+            "nothing fits next to the loaded model"
+        raise UserError(f"{flag} {max_frames}{rows}: the KV cache and decode buffers need {need / 2**30:.1f} GiB "
+                        f"but {where} has {free / 2**30:.1f} GiB free; lower {flag} ({hint})")
 
     def graph_enabled(self) -> bool:
         if self.graph in ("off", "compile") or self.device.type == "cpu":
@@ -890,15 +980,29 @@ def first_difference_from_eager(engine: Engine, prompt: Prompt, params: Sampling
 
 
 def load_engine(model_path, tokenizer_path, device=None, dtype=None, log=None, graph="auto") -> Engine:
-    """The one loader: CLI, selftest, eval, convert_weights' smoke check and tests all use it."""
+    """The one loader: CLI, selftest, eval, convert_weights' smoke check and tests all use it.
+
+    Weights are verified twice: the safetensors headers against the tensors the config asks
+    for before loading (one clear line when a folder holds another model), and transformers'
+    own loading report after it (nothing initialised at random).
+    """
     log = log or (lambda msg: None)
     if graph not in ("auto", "on", "off", "compile"):
         raise UserError(f"--graph {graph}: expected auto, on, off or compile")
     model_path, tokenizer_path = Path(model_path), Path(tokenizer_path)
     config = check_model_dir(model_path)
-    check_tokenizer_dir(tokenizer_path)
+    tokenizer_config = check_tokenizer_dir(tokenizer_path)
+    model_expected = checkpoints.verify_folder("model", model_path, config)
+    codec_expected = checkpoints.verify_folder("tokenizer", tokenizer_path, tokenizer_config)
+    quantizers, codebooks = codec_expected.model.config.num_quantizers, model_expected.model.config.num_codebooks
+    if quantizers != codebooks:
+        raise UserError(f"{tokenizer_path} has {quantizers} quantizers but the model in {model_path} expects "
+                        f"{codebooks} codebooks: the two folders do not belong together")
+    num_params = model_expected.parameter_count()
+    log(f"Weights verified: generation model {num_params / 1e9:.3f} B parameters ({len(model_expected.shapes)} "
+        f"tensors), audio tokenizer {codec_expected.parameter_count() / 1e6:.1f} M parameters "
+        f"({len(codec_expected.shapes)} tensors)")
     device = pick_device(device) if not hasattr(device, "type") else device
-    num_params = count_checkpoint_params(model_path, config)
     torch_dtype, reason = pick_dtype(dtype, device, num_params)
     log(f"Device: {device}  dtype: {str(torch_dtype).replace('torch.', '')} ({reason})")
 
@@ -914,66 +1018,137 @@ def load_engine(model_path, tokenizer_path, device=None, dtype=None, log=None, g
 
     t0 = time.perf_counter()
     hf_logging.set_verbosity_error()
+    bars = hf_logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():  # "Loading weights" bars belong on a terminal, not in logs
+        hf_logging.disable_progress_bar()
     try:
         log(f"Loading generation model from {model_path} ...")
         # device_map streams shards straight onto the accelerator (no full host copy)
-        model = HiggsAudioV2ForConditionalGeneration.from_pretrained(
-            model_path, dtype=torch_dtype, device_map=None if device.type == "cpu" else str(device)
-        ).eval()
+        model, info = HiggsAudioV2ForConditionalGeneration.from_pretrained(
+            model_path, dtype=torch_dtype, device_map=None if device.type == "cpu" else str(device),
+            output_loading_info=True,
+        )
+        checkpoints.check_loading_info("model", model_path, info)
+        model.eval()
         log(f"Loading audio tokenizer from {tokenizer_path} ...")
-        audio_tokenizer = HiggsAudioV2TokenizerModel.from_pretrained(tokenizer_path, dtype=torch.float32)
+        audio_tokenizer, info = HiggsAudioV2TokenizerModel.from_pretrained(
+            tokenizer_path, dtype=torch.float32, output_loading_info=True)
+        checkpoints.check_loading_info("tokenizer", tokenizer_path, info)
         audio_tokenizer = audio_tokenizer.to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot load the checkpoint: {str(e).splitlines()[0]} (re-run: bash download.sh)") from None
     finally:
         hf_logging.set_verbosity_warning()
-    if audio_tokenizer.config.num_quantizers != model.config.num_codebooks:
-        raise UserError(
-            f"{tokenizer_path} has {audio_tokenizer.config.num_quantizers} quantizers but the model expects "
-            f"{model.config.num_codebooks} codebooks"
-        )
-    # Assemble the processor from both folders: a saved processor records the audio
-    # tokenizer's path, which breaks as soon as a folder moves.
-    if (tokenizer_path / "preprocessor_config.json").is_file():
-        feature_extractor = DacFeatureExtractor.from_pretrained(tokenizer_path)
-    else:
-        feature_extractor = DacFeatureExtractor(feature_size=1, hop_length=1, sampling_rate=SAMPLE_RATE)
-    processor_config = {}
-    if (model_path / "processor_config.json").is_file():
-        processor_config = read_json(model_path / "processor_config.json")
-    token_args = {k: processor_config[k] for k in (
-        "audio_token", "audio_bos_token", "audio_eos_token", "audio_delay_token",
-        "audio_stream_bos_id", "audio_stream_eos_id") if k in processor_config}
+        if bars:
+            hf_logging.enable_progress_bar()
+    tokenizer = load_text_tokenizer(model_path, AutoTokenizer)
     processor = HiggsAudioV2Processor(
-        feature_extractor, tokenizer, audio_tokenizer,
-        chat_template=(model_path / "chat_template.jinja").read_text(), **token_args,
+        load_feature_extractor(tokenizer_path, DacFeatureExtractor), tokenizer, audio_tokenizer,
+        chat_template=read_text(model_path / "chat_template.jinja"), **processor_token_args(model_path, tokenizer),
     )
     engine = Engine(model, processor, audio_tokenizer, device, torch_dtype, reason, time.perf_counter() - t0)
     engine.graph = graph
+    check_chat_template(engine, model_path)
     if graph == "on" and device.type == "cpu":
         print("warning: --graph on: a CPU has no graph capture; decoding eagerly (--graph compile compiles the "
               "step instead)", file=sys.stderr)
     return engine
 
 
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read as UTF-8 text ({str(e).splitlines()[0]}; re-run: bash download.sh)") \
+            from None
+
+
+def load_text_tokenizer(model_path: Path, tokenizer_cls):
+    try:
+        return tokenizer_cls.from_pretrained(model_path)
+    # the tokenizers library reports a malformed tokenizer.json as a bare Exception
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{model_path}/tokenizer.json cannot be loaded ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''}; re-run: bash download.sh)") from None
+
+
+def load_feature_extractor(tokenizer_path: Path, extractor_cls):
+    """From the audio tokenizer folder; its sampling rate must be the codec's 24 kHz."""
+    path = tokenizer_path / "preprocessor_config.json"
+    if not path.is_file():
+        return extractor_cls(feature_size=1, hop_length=1, sampling_rate=SAMPLE_RATE)
+    fields = read_json(path)
+    if fields.get("sampling_rate", SAMPLE_RATE) != SAMPLE_RATE:
+        raise UserError(f"{path}: sampling_rate {fields.get('sampling_rate')!r}, expected {SAMPLE_RATE}")
+    try:
+        return extractor_cls.from_pretrained(tokenizer_path)
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: not a valid feature-extractor config ({str(e).splitlines()[0][:120]})") from None
+
+
+def processor_token_args(model_path: Path, tokenizer) -> dict:
+    """Audio marker tokens and stream ids from processor_config.json, each checked."""
+    path = model_path / "processor_config.json"
+    if not path.is_file():
+        return {}
+    config = read_json(path)
+    args = {}
+    for key in ("audio_token", "audio_bos_token", "audio_eos_token", "audio_delay_token"):
+        if key in config:
+            token = config[key]
+            if not isinstance(token, str) or tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
+                raise UserError(f"{path}: {key} {token!r} is not a token of {model_path}/tokenizer.json")
+            args[key] = token
+    for key in ("audio_stream_bos_id", "audio_stream_eos_id"):
+        if key in config:
+            if not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 0:
+                raise UserError(f"{path}: {key} {config[key]!r} is not a code id")
+            args[key] = config[key]
+    return args
+
+
+def check_chat_template(engine: Engine, model_path: Path) -> None:
+    """Render one prompt now, so a broken template is a load error, not a failure mid-run."""
+    from jinja2 import TemplateError
+
+    try:
+        ids = engine.build_prompt("Hello.").input_ids
+    except TemplateError as e:
+        raise UserError(f"{model_path}/chat_template.jinja: {type(e).__name__}: {str(e).splitlines()[0][:120]} "
+                        "(re-run: bash download.sh)") from None
+    if len(ids) == 0 or int(ids[-1]) != engine.config.audio_bos_token_id:
+        raise UserError(f"{model_path}/chat_template.jinja: a prompt does not end with the audio-start token "
+                        f"(id {engine.config.audio_bos_token_id}); the template or tokenizer does not fit the model")
+
+
 # --------------------------------------------------------------------------- attempts / retry
 
 
 def speech_units(text: str) -> int:
-    """Words of space-separated scripts plus CJK characters."""
-    cjk = len(re.findall(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]", text))
-    words = len(re.findall(r"[^\s\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+", text))
-    return cjk + words
+    """Words of space-separated scripts plus CJK characters; only letters and digits speak, so punctuation
+    (full-width "。", "，", "！" between CJK characters, a lone "-") counts for nothing."""
+    cjk = sum(c.isalnum() for c in re.findall(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]", text))
+    runs = re.findall(r"[^\s\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+", text)
+    return cjk + sum(any(c.isalnum() for c in run) for run in runs)
 
 
 def min_expected_seconds(text: str) -> float:
     return speech_units(text) / MAX_UNITS_PER_SECOND
 
 
-def retry_seeds(seed: int, retries: int) -> list[int]:
-    """Attempt k uses seed + k: documented, and different for every attempt."""
-    return [seed + k for k in range(retries + 1)]
+def retry_seeds(seed: int, retries: int) -> range:
+    """Attempt k uses seed + k: documented, and different for every attempt (lazy: --retries may be huge)."""
+    return range(seed, seed + retries + 1)
+
+
+def check_seed(seed: int, retries: int = 0, flag: str = "--seed") -> None:
+    """Every seed an attempt may use (seed .. seed + retries) must be one torch's generator accepts."""
+    if retries > SEED_MAX - SEED_MIN:
+        raise UserError(f"--retries {retries}: at most {SEED_MAX - SEED_MIN} (retries use seed+1, seed+2, ...)")
+    if not SEED_MIN <= seed <= SEED_MAX - retries:
+        tail = f" and --retries {retries} adds up to {retries} to it" if retries else ""
+        raise UserError(f"{flag} {seed}: torch takes seeds from {SEED_MIN} to {SEED_MAX}{tail}; "
+                        f"pick one from {SEED_MIN} to {SEED_MAX - retries}")
 
 
 def audio_stats(audio) -> dict:
@@ -1013,11 +1188,18 @@ def judge_attempt(text: str, codes, audio) -> str | None:
 
 @contextmanager
 def atomic_output(path: Path):
-    """Yields a temp path beside `path`, renamed over it when the block succeeds, removed when it fails."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Yields a temp path beside `path`, renamed over it when the block succeeds, removed when it fails.
+
+    The result gets the mode a plain open() would give it (0666 less the umask), not mkstemp's 0600.
+    """
+    # a name near the file system's limit must not make the temp name (prefix + 8 + ".tmp") too long
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -1073,9 +1255,13 @@ class Attempt:
 
 
 def synthesize_batch(engine: Engine, texts: list[str], params: SamplingParams, seed: int, retries: int,
-                     scene: str | None, ref_codes=None, ref_text=None, progress=False, log=None):
-    """Texts -> one result dict per text, each retried alone with the next seeds while unusable."""
+                     scene: str | None, ref_codes=None, ref_text=None, progress=False, log=None, labels=None):
+    """Texts -> one result dict per text, each retried alone with the next seeds while unusable.
+
+    `labels` (e.g. "line 3: ") prefix each text's attempt lines, so a batch's lines say whose they are.
+    """
     log = log or (lambda msg: None)
+    labels = labels or [""] * len(texts)
     prompts = [engine.build_prompt(t, scene, ref_codes, ref_text) for t in texts]
     results = [None] * len(texts)
     pending = list(range(len(texts)))
@@ -1102,10 +1288,14 @@ def synthesize_batch(engine: Engine, texts: list[str], params: SamplingParams, s
             if entry["best"] is None or _better(candidate, entry["best"]):
                 entry["best"] = candidate
             results[i] = entry
+            # no EOS: the model was still speaking when the budget ran out, so the end may be cut off
+            cut_off = "" if gen.finished else (f" (no EOS within --max_new_tokens {params.max_new_tokens}: "
+                                               "the end may be cut off; raise --max_new_tokens)")
             if reason is None:
-                log(f"attempt {attempt_no + 1} (seed {attempt_seed}): ok, {gen.codes.shape[0]} frames")
+                log(f"{labels[i]}attempt {attempt_no + 1} (seed {attempt_seed}): ok, {gen.codes.shape[0]} frames"
+                    + cut_off)
             else:
-                log(f"attempt {attempt_no + 1} (seed {attempt_seed}) unusable: {reason}")
+                log(f"{labels[i]}attempt {attempt_no + 1} (seed {attempt_seed}) unusable: {reason}{cut_off}")
                 still.append(i)
         pending = still
     return results
@@ -1166,14 +1356,23 @@ def report(engine: Engine, entry: dict, log) -> dict:
 # --------------------------------------------------------------------------- CLI
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default, except None: there the help says what happens without the flag."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Higgs Audio V2 text-to-speech on Ascend NPU, CUDA or CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--text", default=DEFAULT_TEXT, help="text to speak (English, Chinese or mixed)")
+    # default None, filled in by validate_args: a --text next to --text_file must be refused, not ignored
+    p.add_argument("--text", default=None, help="text to speak (English, Chinese or mixed); without --text and "
+                   f"--text_file: {DEFAULT_TEXT!r}")
     p.add_argument("--text_file", default=None,
-                   help="UTF-8 file, one text per line: one WAV per line, output_{line}_{seed}.wav")
+                   help="UTF-8 file, one text per line: one WAV per line, output_{line}_{seed}.wav (not with --text)")
     p.add_argument("--batch_size", type=int, default=1, help="lines of --text_file generated together")
     p.add_argument("--max_new_tokens", type=int, default=2048, help="audio frames to generate at most (25 = 1 s)")
     p.add_argument("--temperature", type=float, default=0.3, help="sampling temperature; 0 means greedy")
@@ -1202,9 +1401,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_utf8_args(args, hint: str = "check the shell's encoding, or put the text in a UTF-8 --text_file") -> None:
+    """Every string flag must encode as UTF-8: a lone surrogate (from bytes the shell could not decode)
+    would otherwise fail deep in the tokenizer, the console or the JSON sidecar."""
+    for name, value in vars(args).items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise UserError(f"--{name}: not valid UTF-8 text (an undecodable byte or lone surrogate "
+                                f"{value[e.start]!r} at character {e.start + 1}); {hint}") from None
+
+
 def validate_args(args) -> None:
+    check_utf8_args(args)
+    if args.text is not None and args.text_file is not None:
+        raise UserError("--text and --text_file both given: pass one (--text_file speaks every line of the file)")
     if args.text_file is None:
-        if not args.text or not args.text.strip():
+        if args.text is None:
+            args.text = DEFAULT_TEXT
+        if not args.text.strip():
             raise UserError("--text is empty: give the text to speak")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
@@ -1214,7 +1430,14 @@ def validate_args(args) -> None:
         raise UserError("--ref_text needs --ref_audio")
     if args.output is not None and (os.sep in args.output or not args.output.endswith(".wav")):
         raise UserError(f"--output {args.output!r}: give a file name ending in .wav (the folder is --output_dir)")
+    if args.output is not None and args.output.startswith("."):
+        raise UserError(f"--output {args.output!r}: give the name a stem that does not start with a dot, e.g. "
+                        "speech.wav (a leading dot makes a hidden file)")
     sampling_params(args).validate()
+    if args.max_new_tokens < MIN_FRAMES:
+        raise UserError(f"--max_new_tokens {args.max_new_tokens}: at least {MIN_FRAMES} frames are needed for "
+                        "any audio (the first 9 carry the delay pattern); 25 frames = 1 s")
+    check_seed(args.seed, args.retries)
 
 
 def sampling_params(args) -> SamplingParams:
@@ -1235,25 +1458,66 @@ def read_texts(args) -> list[str]:
         content = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"--text_file {args.text_file}: not UTF-8 (byte {e.start}); save it as UTF-8") from None
-    texts = [line.strip() for line in content.splitlines()]
+    # lines are what "\n" ends (as editors and `wc -l` count them; "\r\n" too), not str.splitlines(), which
+    # also breaks at U+2028, U+0085, \x0b, \x0c, \x1c-\x1e: output_{line}_*.wav must name the editor's line
+    texts = [line.strip() for line in content.split("\n")]
     if not any(texts):
         raise UserError(f"--text_file {args.text_file} has no non-empty line")
     return texts
 
 
 def prepare_output_dir(path: str) -> Path:
+    """Check early that `path` can be written, without creating it: a run that fails before its first
+    file (a missing model, a bad flag) leaves no empty folder behind. make_output_dir creates it later."""
     out = Path(path)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)
-        probe.close()
+        existing = out
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UserError(f"--output_dir {out}: not writable ({existing} is a file, not a folder)")
+        # a probe where the first file (or the folder itself) will go, removed at once
+        probe = tempfile.mkdtemp(dir=existing, prefix=".write-test-")
+        os.rmdir(probe)
     except OSError as e:
         raise UserError(f"--output_dir {out}: not writable ({e.strerror})") from None
     return out
 
 
+def make_output_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output_dir {out}: cannot create it ({e.strerror})") from None
+
+
+def check_output_names(out: Path, names: list[str], flag: str = "--output") -> None:
+    """Before the run: every file it will write (WAV and its .json sidecar) must be creatable as a file."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for name in names:
+        for each in (name, str(Path(name).with_suffix(".json"))):
+            if len(os.fsencode(each)) > name_max:
+                raise UserError(f"{flag}: the file name {cut(each, 40)!r} is {len(os.fsencode(each))} bytes; "
+                                f"this file system allows {name_max}: give a shorter name")
+            if (out / each).is_dir():
+                raise UserError(f"{flag}: {out / each} is a folder; give another file name or --output_dir")
+
+
 def cut(text: str, n: int = 80) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def output_name(args, line_no: int) -> str:
+    # named after the requested seed, so scripts can predict it; the sidecar has the one used
+    if args.text_file is not None:
+        return f"output_{line_no + 1}_{args.seed}.wav"
+    return args.output or f"output_{args.seed}.wav"
 
 
 def run(args, log) -> int:
@@ -1261,10 +1525,18 @@ def run(args, log) -> int:
     texts = read_texts(args)
     params = sampling_params(args)
     out_dir = prepare_output_dir(args.output_dir)
+    jobs = [(i, t) for i, t in enumerate(texts) if t]
+    check_output_names(out_dir, [output_name(args, i) for i, _ in jobs],
+                       "--output" if args.output and args.text_file is None else "--output_dir")
     ref_audio = load_reference_audio(args.ref_audio) if args.ref_audio else None
 
     engine = load_engine(args.model_path, args.tokenizer_path, args.device, args.dtype, log=log, graph=args.graph)
     log(f"Model: {engine.num_params / 1e9:.3f} B parameters, loaded in {engine.load_seconds:.1f}s")
+    if ref_audio is not None and ref_audio.size < engine.min_audio_samples():
+        need = engine.min_audio_samples()
+        raise UserError(f"--ref_audio {args.ref_audio}: {ref_audio.size / SAMPLE_RATE * 1000:.1f} ms of audio is "
+                        f"too short; the audio tokenizer needs at least {need} samples at {SAMPLE_RATE} Hz "
+                        f"({need / SAMPLE_RATE * 1000:.1f} ms), and a voice clones best from a few seconds of speech")
     ref_codes = engine.encode_audio(ref_audio) if ref_audio is not None else None
     if ref_codes is not None:
         log(f"Reference audio: {ref_audio.size / SAMPLE_RATE:.2f}s -> {ref_codes.shape[1]} frames")
@@ -1273,22 +1545,18 @@ def run(args, log) -> int:
         f"ras={params.ras_win_len}/{params.ras_win_max_num_repeat} retries={args.retries}")
 
     failures = 0
-    jobs = [(i, t) for i, t in enumerate(texts) if t]
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start:start + args.batch_size]
-        for _, text in chunk:
-            log(f"Input text: {cut(text)!r}")
+        labels = [f"line {line_no + 1}: " if args.text_file is not None else "" for line_no, _ in chunk]
+        for label, (_, text) in zip(labels, chunk):
+            log(f"{label}Input text: {cut(text)!r}")
         entries = synthesize_batch(engine, [t for _, t in chunk], params, args.seed, args.retries, args.scene or None,
-                                   ref_codes, args.ref_text, progress=sys.stderr.isatty(), log=log)
+                                   ref_codes, args.ref_text, progress=sys.stderr.isatty(), log=log, labels=labels)
+        make_output_dir(out_dir)  # only now: a run that fails before its first file leaves no empty folder
         for (line_no, text), entry in zip(chunk, entries):
             best = entry["best"]
             log(f"Input tokens: {best['prompt_tokens']}")
-            # named after the requested seed, so scripts can predict it; the sidecar has the one used
-            if args.text_file is not None:
-                name = f"output_{line_no + 1}_{args.seed}.wav"
-            else:
-                name = args.output or f"output_{args.seed}.wav"
-            wav_path = out_dir / name
+            wav_path = out_dir / output_name(args, line_no)
             summary = report(engine, entry, log)
             if best["audio"] is not None:
                 write_wav_atomic(wav_path, best["audio"])

@@ -12,45 +12,25 @@ here by the real transformers classes, at a size that builds in seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-CHAT_TEMPLATE_PATH = ASSETS / "chat_template.jinja"
-
-NUM_CODEBOOKS = 8
-CODEBOOK_SIZE = 1026  # 1024 codes + stream BOS (1024) + stream EOS (1025)
-AUDIO_STREAM_BOS_ID = 1024
-AUDIO_STREAM_EOS_ID = 1025
-RAS_WIN_LEN = 7
-RAS_WIN_MAX_NUM_REPEAT = 2
-
-# Llama-3 special tokens as Higgs Audio names them, in the real order (the real
-# ones start at 128000; the tiny tokenizer appends them after its small BPE vocab).
-SPECIAL_TOKENS = [
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>",
-    "<|reserved_special_token_2|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eom_id|>",
-    "<|eot_id|>",
-    "<|python_tag|>",
-    "<|audio_bos|>",
-    "<|audio_eos|>",
-    "<|audio_out_bos|>",
-    "<|reserved_special_token_6|>",  # delay token of the delay pattern
-    "<|AUDIO|>",
-    "<|AUDIO_OUT|>",
-    "<|scene_desc_start|>",
-    "<|scene_desc_end|>",
-]
+# the on-disk contract lives in checkpoints.py; re-exported for the tests and benchmarks
+from checkpoints import (  # noqa: F401
+    AUDIO_STREAM_BOS_ID,
+    AUDIO_STREAM_EOS_ID,
+    CHAT_TEMPLATE_PATH,
+    CODEBOOK_SIZE,
+    NUM_CODEBOOKS,
+    RAS_WIN_LEN,
+    RAS_WIN_MAX_NUM_REPEAT,
+    SPECIAL_TOKENS,
+    feature_extractor_args,
+    generation_config_for,
+    write_processor_files,
+)
 
 # Small bilingual corpus: enough merges that English and Chinese both tokenize
 # into multi-byte pieces, as with the real tokenizer.
@@ -134,33 +114,6 @@ def _text_model_config(tokenizer, **sizes):
     )
 
 
-def generation_config_for(config):
-    from transformers import GenerationConfig
-
-    return GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-        ras_win_len=RAS_WIN_LEN,
-        ras_win_max_num_repeat=RAS_WIN_MAX_NUM_REPEAT,
-    )
-
-
-def write_processor_files(model_dir: Path, tokenizer) -> None:
-    """chat_template.jinja + processor_config.json, as the hub repo has them."""
-    shutil.copyfile(CHAT_TEMPLATE_PATH, model_dir / "chat_template.jinja")
-    processor_config = {
-        "audio_bos_token": "<|audio_out_bos|>",
-        "audio_delay_token": "<|reserved_special_token_6|>",
-        "audio_eos_token": "<|audio_eos|>",
-        "audio_stream_bos_id": AUDIO_STREAM_BOS_ID,
-        "audio_stream_eos_id": AUDIO_STREAM_EOS_ID,
-        "audio_token": "<|AUDIO_OUT|>",
-        "processor_class": "HiggsAudioV2Processor",
-    }
-    (model_dir / "processor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
-
-
 def save_sharded(model, out_dir: Path, num_shards: int = 3) -> None:
     """save_pretrained with a shard size that yields exactly `num_shards` files."""
     total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
@@ -191,7 +144,7 @@ def build_generation_model(out_dir: Path, seed: int = 0, dtype: str = "bfloat16"
     model = HiggsAudioV2ForConditionalGeneration(config).to(getattr(torch, dtype))
     model.generation_config = generation_config_for(config)
     save_sharded(model, out_dir)
-    write_processor_files(out_dir, tokenizer)
+    write_processor_files(out_dir)
     return out_dir
 
 
@@ -240,10 +193,7 @@ def build_audio_tokenizer(out_dir: Path, seed: int = 0) -> Path:
         for quantizer in model.quantizer.quantizers:
             quantizer.codebook.embed.normal_()
     model.save_pretrained(out_dir)
-    DacFeatureExtractor(
-        feature_size=1, hop_length=1, padding_side="right", padding_value=0.0,
-        sampling_rate=24000, return_attention_mask=True,
-    ).save_pretrained(out_dir)
+    DacFeatureExtractor(**feature_extractor_args(24000)).save_pretrained(out_dir)
     return out_dir
 
 

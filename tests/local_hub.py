@@ -1,15 +1,19 @@
 """A tiny Hugging Face Hub on 127.0.0.1 for download tests.
 
-It answers the endpoints that `hf download REPO --revision REV --local-dir DIR`
-(huggingface_hub 2.x, plain HTTP, no Xet) and `HfApi().model_info(...,
-files_metadata=True)` call for a model repo:
+It answers the endpoints that `hf download REPO [FILES] --revision REV --local-dir DIR`
+(huggingface_hub 2.x, plain HTTP, no Xet), `HfApi().model_info(..., files_metadata=True)`,
+`hf_hub_download` and the safetensors-metadata calls (`get_safetensors_metadata`,
+`parse_safetensors_file_metadata`: HEAD, then a Range GET of the header) call for a model repo:
 
     GET  /api/models/{repo}[/revision/{rev}]        repo info (sha, siblings with sizes)
     GET  /api/models/{repo}/tree/{rev}[/{path}]     file listing (?recursive=...)
     HEAD /{repo}/resolve/{rev}/{path}               X-Repo-Commit, ETag, Content-Length
-    GET  /{repo}/resolve/{rev}/{path}               the bytes, honouring Range
+    GET  /{repo}/resolve/{rev}/{path}               the bytes, honouring Range (a-b, a-, -n; 416 past the end)
+    GET  /api/agent-harnesses                       huggingface_hub's user-agent registry (empty)
 
-Repos are folders on disk. Every request is recorded in `hub.requests`. Knobs:
+Repos are folders on disk, subfolders included (`audio_tokenizer/config.json` is a path in the repo).
+Every request is recorded in `hub.requests`, with its User-Agent (`Request.check`: sent by
+download.sh's own source check). Knobs:
 `hub.cut[path] = n` sends the first n bytes of that file and drops the connection,
 then refuses that file outright (so the client's own retries fail too) until the
 knob is cleared, or with `hub.refuse_after_cut = False` serves the retries;
@@ -53,8 +57,14 @@ class Request:
     method: str
     path: str
     range: str | None = None
+    agent: str = ""  # User-Agent: download.sh's own checks send "higgs-download/check"
     status: int = 0
     sent: int = 0  # body bytes written
+
+    @property
+    def check(self) -> bool:
+        """A request of download.sh's source check (hub.py), not of `hf download`."""
+        return "higgs-download/check" in self.agent
 
 
 @dataclass
@@ -171,9 +181,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._route(head=False)
 
     def _route(self, head: bool) -> None:
-        self.record = Request(self.command, self.path, self.headers.get("Range"))
+        self.record = Request(self.command, self.path, self.headers.get("Range"), self.headers.get("User-Agent", ""))
         self.hub.requests.append(self.record)
         path = unquote(urlsplit(self.path).path)
+        if path == "/api/agent-harnesses":  # huggingface_hub's user-agent detection asks once a day
+            self._json(200, {"standardEnvVars": [], "harnesses": {}})
+            return
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
         if m:
             repo = self._lookup(m.group(1), m.group(2) or "main", head)
@@ -210,12 +223,20 @@ class _Handler(BaseHTTPRequestHandler):
         if head:
             self._reply(200, b"", {**headers, "Content-Length": len(data)}, head=True)
             return
-        start = 0
         rng = self.headers.get("Range")
         if rng:
-            m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
-            start = int(m.group(1))
-            end = int(m.group(2)) if m.group(2) else len(data) - 1
+            m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng.strip())
+            if m is None or m.group(1) == m.group(2) == "":
+                self._error(400, None, f"bad Range {rng!r}")
+                return
+            if m.group(1):
+                start = int(m.group(1))
+                end = min(int(m.group(2)), len(data) - 1) if m.group(2) else len(data) - 1
+            else:  # bytes=-N: the last N bytes
+                start, end = max(len(data) - int(m.group(2)), 0), len(data) - 1
+            if start >= len(data) or end < start:
+                self._reply(416, b"", {"Content-Range": f"bytes */{len(data)}"})
+                return
             body = data[start:end + 1]
             headers["Content-Range"] = f"bytes {start}-{start + len(body) - 1}/{len(data)}"
             status = 206

@@ -315,3 +315,109 @@ def test_tokenizer_unknown_key_named(tmp_path, capsys):
 def test_peak_rss_is_reported(tmp_path, capsys):
     rc, out, err = run(["--src", FIXTURE / "tokenizer", "--dst", tmp_path / "t", "--no-verify"], capsys)
     assert rc == 0 and "Peak RSS while converting:" in out
+
+
+def test_tokenizer_weight_norm_folds_g_that_is_not_the_norm_of_v(tmp_path, capsys):
+    """The Boson fixture has weight_g == ||weight_v|| (freshly initialised), where folding changes nothing.
+    A trained checkpoint has g != ||v||: `scaled` rescales every g (per channel); `baked` holds the same
+    effective weights g * v / ||v|| as its v, with g == ||v|| again. Both must convert to the same tensors."""
+    state = torch.load(FIXTURE / "tokenizer" / "model.pth", weights_only=True)
+    gen = torch.Generator().manual_seed(0)
+    scaled, baked = dict(state), dict(state)
+    pairs = [(k, k[: -len("weight_g")] + "weight_v") for k in state if k.endswith(".weight_g")]
+    pairs += [(k, k[: -len("original0")] + "original1") for k in state if k.endswith(".parametrizations.weight.original0")]
+    for g_key, v_key in pairs:
+        g, v = state[g_key], state[v_key]
+        dim = 2 if g_key.startswith("semantic_model.") else 0  # weight_norm's dim: 0, HuBERT's pos conv 2
+        g2 = g * (0.5 + torch.rand(g.shape, generator=gen))
+        scaled[g_key] = g2
+        baked[v_key] = torch._weight_norm(v, g2, dim)  # the weight the original module computes
+        baked[g_key] = g2
+    kinds = {k.split(".")[0] for k, _ in pairs}
+    assert kinds == {"encoder", "decoder_2", "semantic_model"}  # Conv1d, ConvTranspose1d, HuBERT's pos conv
+    out = {}
+    for name, tensors in (("scaled", scaled), ("baked", baked)):
+        src = tmp_path / name
+        shutil.copytree(FIXTURE / "tokenizer", src)
+        torch.save(tensors, src / "model.pth")
+        rc, _, err = run(["--src", src, "--dst", tmp_path / f"{name}-out", "--no-verify"], capsys)
+        assert rc == 0, err
+        out[name] = load_file(tmp_path / f"{name}-out" / "model.safetensors")
+    assert set(out["scaled"]) == set(out["baked"])
+    pos = "semantic_model.encoder.pos_conv_embed.conv.parametrizations.weight"
+    for key in out["baked"]:
+        if not key.startswith(pos):  # the native pos conv keeps its (g, v) pair: compared below
+            torch.testing.assert_close(out["scaled"][key], out["baked"][key], msg=key)
+    effective = {n: torch._weight_norm(o[f"{pos}.original1"], o[f"{pos}.original0"], 2) for n, o in out.items()}
+    torch.testing.assert_close(effective["scaled"], effective["baked"])
+    boson_v = state["encoder.block.0.weight_v"]
+    assert not torch.allclose(out["scaled"]["acoustic_encoder.conv1.weight"], boson_v)  # the fold did something
+
+
+# --------------------------------------------------------------------------- odd input files (issue 16)
+
+
+def one_error_line(err: str, *needles):
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("kind", ["model", "tokenizer"])
+@pytest.mark.parametrize("content", ["[1, 2]", "null", "\"text\""])
+def test_config_json_that_is_not_an_object(tmp_path, capsys, kind, content):
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURE / kind, src)
+    (src / "config.json").write_text(content)
+    rc, out, err = run(["--src", src, "--dst", tmp_path / "out"], capsys)
+    assert rc == 2
+    one_error_line(err, "config.json", "expected")
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind, where, changes, words", [
+    ("tokenizer", None, {"ratios": 5}, "ratios is 5"),
+    ("tokenizer", None, {"n_q": "8"}, "n_q is '8'"),
+    ("tokenizer", None, {"target_bandwidths": []}, "target_bandwidths is []"),
+    ("model", None, {"text_config": [1]}, "text_config is [1]"),
+    ("model", None, {"audio_num_codebooks": 8.5}, "audio_num_codebooks is 8.5"),
+    ("model", "text_config", {"num_hidden_layers": "x"}, "text_config.num_hidden_layers is 'x'"),
+    ("model", "text_config", {"rope_theta": None}, "text_config.rope_theta is None"),
+])
+def test_config_fields_of_the_wrong_type(tmp_path, capsys, kind, where, changes, words):
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURE / kind, src)
+    cfg = json.loads((src / "config.json").read_text())
+    (cfg[where] if where else cfg).update(changes)
+    (src / "config.json").write_text(json.dumps(cfg))
+    rc, out, err = run(["--src", src, "--dst", tmp_path / "out"], capsys)
+    assert rc == 2
+    one_error_line(err, words)
+    assert_nothing_written(tmp_path / "out")
+
+
+PTH_VARIANTS = {  # bytes of model.pth (None: legacy format cut short, made by the test), words of the error
+    "empty": (b"", "not a PyTorch checkpoint"),
+    "text": (b"hello", "not a PyTorch checkpoint"),
+    "random bytes": (bytes(range(256)) * 4, "not a PyTorch checkpoint"),
+    "truncated zip": ((FIXTURE / "tokenizer" / "model.pth").read_bytes()[:1000], "is truncated"),
+    "truncated legacy pickle": (None, "is truncated or not a PyTorch checkpoint"),
+    "pickle of other objects": (b"\x80\x02cos\nsystem\nq\x00.", "cannot be loaded safely"),
+}
+
+
+@pytest.mark.parametrize("variant", list(PTH_VARIANTS))
+def test_model_pth_that_is_not_a_checkpoint(tmp_path, capsys, variant):
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURE / "tokenizer", src)
+    data, words = PTH_VARIANTS[variant]
+    if data is None:
+        torch.save({"a": torch.zeros(3)}, src / "model.pth", _use_new_zipfile_serialization=False)
+        data = (src / "model.pth").read_bytes()[:40]
+    (src / "model.pth").write_bytes(data)
+    rc, out, err = run(["--src", src, "--dst", tmp_path / "out"], capsys)
+    assert rc == 2
+    one_error_line(err, "model.pth", words)
+    assert_nothing_written(tmp_path / "out")

@@ -1,6 +1,7 @@
 """eval_audio.py: every mode writes its documented files, checks can fail, the report opens in Chromium."""
 
 import json
+import os
 import re
 import shutil
 import struct
@@ -332,3 +333,108 @@ def test_report_opens_in_headless_chromium(all_run, tmp_path):
     # a blank page of the same size compresses to almost nothing; text, tables and images do not
     assert len(data) > 10 * len(blank.read_bytes()), (len(data), len(blank.read_bytes()))
     shutil.copyfile(shot, Path(tempfile.gettempdir()) / "eval_report_screenshot.png")  # to look at by hand
+
+
+def test_non_finite_audio_fails_the_performance_gate(tiny_engine, tmp_path, monkeypatch):
+    """Performance mode decodes what it timed: NaN / Inf audio there must fail its "finite audio" check."""
+    monkeypatch.setattr(tiny_engine, "decode_audio", fake_decoder("nan"))
+    rc = eval_audio.main(["--mode", "performance", "--tokens", "11", "--repeats", "1",
+                          "--output_dir", str(tmp_path)], engine=tiny_engine)
+    assert rc == 1
+    perf = json.loads((tmp_path / "performance.json").read_text())
+    assert check_status(perf["checks"], "gives finite audio") == {"FAIL"}
+    failed = json.loads((tmp_path / "summary.json").read_text())["failed_checks"]
+    assert failed and all("finite audio" in name for name in failed)  # the only reason it failed
+
+
+# --------------------------------------------------------------------------- odd input (issue 16)
+
+
+def one_error_line(err: str, *needles):
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_tokens_beyond_memory_are_refused_before_running(tiny_engine, tmp_path, capsys):
+    out = tmp_path / "new"
+    rc = eval_audio.main(["--mode", "performance", "--tokens", "1000000000", "--output_dir", str(out)],
+                         engine=tiny_engine)
+    assert rc == 2
+    one_error_line(capsys.readouterr().err, "--tokens 1000000000", "GiB")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("seed", [str(2**64), str(-(2**63) - 1)])
+def test_seeds_outside_torch_range_are_refused(tmp_path, capsys, seed):
+    assert eval_audio.main(["--seeds", "1", seed, "--output_dir", str(tmp_path / "o")]) == 2
+    one_error_line(capsys.readouterr().err, f"--seeds {seed}")
+
+
+def test_lone_surrogate_text_is_refused(tmp_path, capsys):
+    assert eval_audio.main(["--text", "abc\udc80def", "--output_dir", str(tmp_path / "o")]) == 2
+    one_error_line(capsys.readouterr().err, "--text", "not valid UTF-8")
+
+
+def test_failed_load_leaves_no_output_folder(tmp_path, capsys):
+    out = tmp_path / "new"
+    assert eval_audio.main(["--model_path", str(tmp_path / "nope"), "--output_dir", str(out)]) == 2
+    one_error_line(capsys.readouterr().err, "does not exist")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("mode, name, kind", [
+    ("performance", "report.html", "dir"), ("performance", "summary.json", "dir"),
+    ("performance", "performance.json", "dir"), ("precision", "precision.json", "dir"),
+    ("precision", "audio", "file"),
+])
+def test_outputs_that_exist_as_the_other_kind(tiny_engine, tmp_path, capsys, mode, name, kind):
+    (tmp_path / name).mkdir() if kind == "dir" else (tmp_path / name).write_text("mine")
+    rc = eval_audio.main(["--mode", mode, "--tokens", "11", "--repeats", "1", "--seeds", "3",
+                          "--output_dir", str(tmp_path)], engine=tiny_engine)
+    assert rc == 2
+    one_error_line(capsys.readouterr().err, name, "move it away")
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # refused before anything ran
+
+
+def test_performance_alternates_and_reports_the_median_pair_ratio(tiny_engine, tmp_path, monkeypatch, capsys):
+    """ours, stock, ours, stock: the ratio is the median of the per-pair ratios, with their spread; a load
+    average above the core count is warned about; files honour the umask; no progress bar off a terminal."""
+    calls = []
+    # decode tokens/s of each call: warm-up first, then the three timed repeats
+    speeds = {"ours": [1.0, 12.0, 40.0, 20.0], "stock": [1.0, 4.0, 10.0, 20.0]}
+
+    def fake(name):
+        def run(engine, prompt, params, n, seed):
+            calls.append(name)
+            tok_s = speeds[name][sum(c == name for c in calls) - 1]
+            return {"frames": n, "prefill_s": 0.01, "decode_s": (n - 1) / tok_s, "decode_steps": n - 1,
+                    "audio_decode_s": 0.01, "audio_s": 0.1, "finite": True, "peak_device_memory_bytes": None,
+                    "graph": "off"}
+        return run
+
+    monkeypatch.setattr(eval_audio, "run_ours", fake("ours"))
+    monkeypatch.setattr(eval_audio, "run_stock", fake("stock"))
+    monkeypatch.setattr(eval_audio.os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    monkeypatch.setattr(eval_audio.os, "cpu_count", lambda: 2)
+    old = os.umask(0o027)
+    try:
+        rc = eval_audio.main(["--mode", "performance", "--tokens", "11", "--repeats", "3",
+                              "--output_dir", str(tmp_path)], engine=tiny_engine)
+    finally:
+        os.umask(old)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert calls == ["ours", "stock"] * 4
+    budget = json.loads((tmp_path / "performance.json").read_text())["budgets"][0]
+    assert budget["ratio_pairs"] == [3.0, 4.0, 1.0]
+    assert budget["ratio_tokens_per_s"] == 3.0  # the ratio of the medians would be 20 / 10 = 2
+    assert budget["ratio_spread"] == {"min": 1.0, "max": 4.0}
+    assert "warning: load average 99.0 exceeds the 2 cores" in err
+    assert json.loads((tmp_path / "performance.json").read_text())["load_average"]["start"] == 99.0
+    for name in ("performance.json", "summary.json", "report.html"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+    assert "\r" not in err  # no tqdm bar: stderr is not a terminal
+    assert "3.00×</b> (1.00–4.00)" in (tmp_path / "report.html").read_text(encoding="utf-8")
