@@ -72,10 +72,10 @@ def signal_metrics(audio) -> dict:
             run = run + 1 if s else 0
             longest = max(longest, run)
     return {
-        "samples": base["samples"],
-        "duration_s": base["duration_s"],
-        "rms": round(base["rms"], 6),
-        "peak": round(base["peak"], 6),
+        "samples": base.samples,
+        "duration_s": base.duration_s,
+        "rms": round(base.rms, 6),
+        "peak": round(base.peak, 6),
         "nan_count": int(np.isnan(audio).sum()),
         "inf_count": int(np.isinf(audio).sum()),
         "clipping_ratio": round(clip_ratio, 6),
@@ -476,11 +476,11 @@ def run_ours(engine, prompt, params, n: int, seed: int) -> dict:
     _reset_peak(engine.device)
     gens, t = engine.generate([prompt], params, [seed], forced_frames=n)
     audio, decode_s = _decode(engine, gens[0].codes)
-    return {"frames": int(gens[0].codes.shape[0]), "prefill_s": t["prefill_s"], "decode_s": t["decode_s"],
-            "decode_steps": t["decode_steps"], "audio_decode_s": decode_s,
+    return {"frames": int(gens[0].codes.shape[0]), "prefill_s": t.prefill_s, "decode_s": t.decode_s,
+            "decode_steps": t.decode_steps, "audio_decode_s": decode_s,
             "audio_s": 0.0 if audio is None else audio.size / SAMPLE_RATE,
-            "finite": bool(audio is None or inference.audio_stats(audio)["non_finite"] == 0),
-            "peak_device_memory_bytes": inference.peak_memory_bytes(engine.device), "graph": t.get("graph")}
+            "finite": bool(audio is None or inference.audio_stats(audio).non_finite == 0),
+            "peak_device_memory_bytes": inference.peak_memory_bytes(engine.device), "graph": t.decode_mode}
 
 
 def run_stock(engine, prompt, params, n: int, seed: int) -> dict:
@@ -507,7 +507,7 @@ def run_stock(engine, prompt, params, n: int, seed: int) -> dict:
     return {"frames": int(codes.shape[0]), "prefill_s": first - t0, "decode_s": t_end - first,
             "decode_steps": max(int(codes.shape[0]) - 1, 0), "audio_decode_s": decode_s,
             "audio_s": 0.0 if audio is None else audio.size / SAMPLE_RATE,
-            "finite": bool(audio is None or inference.audio_stats(audio)["non_finite"] == 0),
+            "finite": bool(audio is None or inference.audio_stats(audio).non_finite == 0),
             "peak_device_memory_bytes": inference.peak_memory_bytes(device)}
 
 
@@ -614,10 +614,10 @@ def run_performance(engine, args, progress: Progress) -> dict:
     load["end"] = load_average()
     warn_if_loaded(load["end"], load["cores"], progress, at_end=True)
     # a capture or compile failure decodes eagerly with one warning line; a gate must not pass that by
-    expected = engine.requested_graph_mode()
+    expected = engine.decode_mode()
     used = sorted({b["ours"]["graph"] for b in budgets})
     checks.append(check("performance: ours decoded in the requested graph mode", used == [expected], used,
-                        f"graph {expected} (--graph {engine.graph} on {engine.device.type})",
+                        f"graph {expected} (--graph {engine.graph_mode} on {engine.device.type})",
                         "" if used == [expected] else "fell back to eager: see the warning line above"))
     accel = engine.device.type != "cpu"
     target_ratio = TARGET_RATIO_ACCEL if accel else TARGET_RATIO_CPU

@@ -21,8 +21,9 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import checkpoints
 from checkpoints import UserError, read_json  # noqa: F401  (scripts and tests import them from here)
@@ -351,8 +352,27 @@ class Generation:
     seed: int
 
 
+@dataclass
+class Timings:
+    """Seconds spent in one Engine.generate call, and in decoding its codes to audio."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    decode_mode: str = "off"  # what the step ran as: "on" (graph replay), "compile" or "off" (eager)
+    audio_decode_s: float = 0.0
+
+
+GRAPH_MODES = ("auto", "on", "off", "compile")
+
+
 class Engine:
-    def __init__(self, model, processor, audio_tokenizer, device, dtype, dtype_reason="", load_seconds=0.0):
+    """Model, processor and codec on one device; the decode-step mode is fixed at construction."""
+
+    def __init__(self, model, processor, audio_tokenizer, device, dtype, dtype_reason="", load_seconds=0.0,
+                 graph_mode: str = "auto", compile_backend: str = "inductor"):
+        if graph_mode not in GRAPH_MODES:
+            raise UserError(f"--graph {graph_mode}: expected {', '.join(GRAPH_MODES)}")
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -363,10 +383,28 @@ class Engine:
         self.dtype_reason = dtype_reason
         self.load_seconds = load_seconds
         self.chat_template = processor.chat_template
-        self.graph = "auto"  # decode step capture: auto (on for cuda/npu) | on | off | compile
-        self.compile_backend = "inductor"  # for graph == "compile"
+        self.graph_mode = graph_mode  # requested: auto (graph on cuda/npu) | on | off | compile
+        self.compile_backend = compile_backend  # torch.compile backend for graph_mode "compile"
+        self.decode_context: DecodeContext | None = None  # reused while shapes and settings stay the same
+        self.compiled_step = None  # torch.compile'd decode_step, built on first use
         # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40)
         self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def reset_decode_state(self) -> None:
+        """Forget the reused decode context and compiled step: the next generate builds them anew."""
+        self.decode_context = None
+        self.compiled_step = None
+
+    def with_graph_mode(self, graph_mode: str, compile_backend: str | None = None) -> "Engine":
+        """The same loaded weights decoding in another mode (with a decode context of its own)."""
+        return Engine(self.model, self.processor, self.audio_tokenizer, self.device, self.dtype, self.dtype_reason,
+                      self.load_seconds, graph_mode, compile_backend or self.compile_backend)
+
+    def decode_mode(self) -> str:
+        """What the decode step is asked to run as on this device: "on" (graph replay), "compile" or "off"."""
+        if self.graph_mode == "compile":
+            return "compile"
+        return "off" if self.graph_mode == "off" or self.device.type == "cpu" else "on"
 
     # ---------------- sizes for the report
     @property
@@ -388,18 +426,26 @@ class Engine:
         return total
 
     # ---------------- prompt
-    def messages(self, text: str, scene: str | None, ref_text: str | None = None, with_ref: bool = False):
+    def messages(self, text: str, scene: str | None, ref_text: str | None = None, with_ref: bool = False,
+                 history=()):
+        """Boson's layout: system (+ scene), then one user/assistant pair per earlier audio (the reference voice,
+        then each text in `history`: earlier chunks, as Boson's generation.py), then the user text to speak."""
         messages = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_MESSAGE}]}]
         if scene:
             messages.append({"role": "scene", "content": [{"type": "text", "text": scene}]})
-        if with_ref:
-            messages.append({"role": "user", "content": [{"type": "text", "text": ref_text or ""}]})
-            messages.append({"role": "assistant", "content": [{"type": "audio", "path": "reference"}]})
+        turns = ([ref_text or ""] if with_ref else []) + list(history)
+        for i, turn_text in enumerate(turns):
+            messages.append({"role": "user", "content": [{"type": "text", "text": turn_text}]})
+            messages.append({"role": "assistant", "content": [{"type": "audio", "path": f"audio-{i}"}]})
         messages.append({"role": "user", "content": [{"type": "text", "text": text}]})
         return messages
 
-    def build_prompt(self, text: str, scene: str | None = DEFAULT_SCENE, ref_codes=None, ref_text=None) -> Prompt:
+    def build_prompt(self, text: str, scene: str | None = DEFAULT_SCENE, ref_codes=None, ref_text=None,
+                     history=()) -> Prompt:
         """Render the chat template and tokenize it; `ref_codes` [C, T] puts a reference voice in the assistant turn.
+
+        `history`: (text, codes [C, T]) of earlier chunks, each an earlier user turn and the assistant turn that
+        spoke it (after the reference's pair), as Boson's generation.py prompts a long text chunk by chunk.
 
         User text is data, never control: only the template's own markers become control tokens. A special-token
         string inside `text`, `scene` or `ref_text` (e.g. "<|eot_id|>") is neutralised, not refused: it is tokenized
@@ -414,29 +460,40 @@ class Engine:
             # older releases would pass the flag to the template and silently parse user text as control tokens
             raise UserError(f"transformers {transformers.__version__} cannot keep user text out of the prompt's "
                             "control tokens (pip install 'transformers>=5.20,<6')")
+        history = list(history)
         ids = self.tokenizer.apply_chat_template(
-            self.messages(text, scene, ref_text, with_ref=ref_codes is not None),
+            self.messages(text, scene, ref_text, with_ref=ref_codes is not None, history=[t for t, _ in history]),
             chat_template=self.chat_template, add_generation_prompt=True,
             tokenize=True, sanitize_control_tokens=True, return_dict=False,
         )
-        audio_input_ids = None
-        if ref_codes is not None:
+        audios = ([] if ref_codes is None else [ref_codes]) + [codes for _, codes in history]
+        delayed = []
+        for codes in audios:
             with_markers = torch.cat(
                 [
-                    ref_codes.new_full((ref_codes.shape[0], 1), self.config.audio_stream_bos_id),
-                    ref_codes,
-                    ref_codes.new_full((ref_codes.shape[0], 1), self.config.audio_stream_eos_id),
+                    codes.new_full((codes.shape[0], 1), self.config.audio_stream_bos_id),
+                    codes,
+                    codes.new_full((codes.shape[0], 1), self.config.audio_stream_eos_id),
                 ],
                 dim=1,
             )
-            delayed = self.processor.build_delay_pattern(with_markers[None])[0].T  # [Ta, C]
-            # expand the template's audio token at id level: an <|AUDIO_OUT|> typed by the user is plain text
-            # by now, so it can neither be expanded nor shift the expansion
-            at = ids.index(self.tokenizer.convert_tokens_to_ids(self.processor.audio_token))
-            expanded = self.tokenizer.encode(self.processor.get_audio_tokens(delayed.shape[0]), add_special_tokens=False)
-            ids = ids[:at] + expanded + ids[at + 1:]
-            audio_input_ids = delayed.cpu()
-        return Prompt(input_ids=torch.tensor(ids, dtype=torch.long), audio_input_ids=audio_input_ids, text=text)
+            delayed.append(self.processor.build_delay_pattern(with_markers[None])[0].T.cpu())  # [Ta, C]
+        # expand the template's audio tokens at id level, one per audio in order: an <|AUDIO_OUT|> typed by the
+        # user is plain text by now, so it can neither be expanded nor shift the expansion
+        audio_token = self.tokenizer.convert_tokens_to_ids(self.processor.audio_token)
+        if ids.count(audio_token) != len(delayed):
+            raise AssertionError(f"the template wrote {ids.count(audio_token)} audio tokens for {len(delayed)} audios")
+        segments = iter(delayed)
+        expanded_ids = []
+        for token in ids:
+            if token == audio_token:
+                expanded_ids += self.tokenizer.encode(self.processor.get_audio_tokens(next(segments).shape[0]),
+                                                      add_special_tokens=False)
+            else:
+                expanded_ids.append(token)
+        audio_input_ids = torch.cat(delayed) if delayed else None
+        return Prompt(input_ids=torch.tensor(expanded_ids, dtype=torch.long), audio_input_ids=audio_input_ids,
+                      text=text)
 
     # ---------------- reference audio
     def encode_audio(self, waveform):
@@ -539,11 +596,29 @@ class Engine:
         return out.logits[0].float().reshape(-1, self.config.num_codebooks, self.config.codebook_size)
 
     def generate(self, prompts: list[Prompt], params: SamplingParams, seeds: list[int],
-                 progress: bool = False, forced_frames: int | None = None):
+                 progress: bool = False, forced_frames: int | None = None, **kwargs):
+        """generate_frames run to the end: returns (list[Generation], Timings)."""
+        frames = self.generate_frames(prompts, params, seeds, progress, forced_frames, **kwargs)
+        while True:
+            try:
+                next(frames)
+            except StopIteration as done:
+                return done.value
+
+    def generate_frames(self, prompts: list[Prompt], params: SamplingParams, seeds: list[int],
+                        progress: bool = False, forced_frames: int | None = None, frame_limit: int | None = None,
+                        min_cache_len: int = 0):
         """Prefill (eager), then decode frame by frame with Boson's sampling rules.
 
+        A generator: at every host sync (each FINISHED_CHECK_EVERY frames) it yields (t, out_codes), the
+        device buffer [B, max_frames, C] whose rows 0..t are final (streaming reads them there, so the step
+        itself still reads nothing back); its return value is generate's. `frame_limit` stops the decode
+        earlier than max_new_tokens without changing the decode context (a chunk's runaway budget);
+        `min_cache_len` sizes the KV cache for the longest prompt expected, so that chunks of one text
+        share one cache (and one captured graph).
+
         Every decode step has static shapes and no host sync, so on cuda/npu it is
-        captured once as a graph and replayed. Returns (list[Generation], timings);
+        captured once as a graph and replayed. Returns (list[Generation], Timings);
         `forced_frames` runs exactly that many frames whatever EOS says (benchmarks).
         """
         import torch
@@ -561,7 +636,7 @@ class Engine:
         # the window holds reference + generated frames, never more than the prompt + max_frames: a longer
         # one would only hold empty (-1) slots, so capping it changes no count (and --ras_win_len 1e9 fits)
         window_len = max(min(params.ras_win_len, prompt_len + max_frames), 1)
-        ctx = self._decode_context(batch, prompt_len + max_frames, max_frames, window_len, params)
+        ctx = self._decode_context(batch, max(prompt_len + max_frames, min_cache_len), max_frames, window_len, params)
         cache, bufs = ctx.cache, ctx.bufs
         # One mask as long as the cache: left padding masked, causality comes from the cache slot.
         full_mask = torch.ones((batch, bufs.attention_mask.shape[1]), dtype=torch.long)
@@ -576,7 +651,7 @@ class Engine:
         bufs.reset(cfg.audio_stream_bos_id, position_ids[:, -1:] + 1, full_mask, window)
         noise = NoiseSource(seeds, num_cb, cfg.codebook_size, device) if bufs.noise is not None else None
 
-        timings = {}
+        timings = Timings()
         synchronize(device)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -591,34 +666,36 @@ class Engine:
                 logits_to_keep=1,
             )
         synchronize(device)
-        timings["prefill_s"] = time.perf_counter() - t0
+        timings.prefill_s = time.perf_counter() - t0
 
         runner = ctx.runner
         bar = None
         if progress and max_frames > 1:
             from tqdm import tqdm
 
-            bar = tqdm(total=max_frames, initial=1, unit="frame", desc="decode", file=sys.stderr, leave=False)
+            bar = tqdm(total=min(max_frames, frame_limit or max_frames), initial=1, unit="frame", desc="decode", file=sys.stderr, leave=False)
         steps = 0
         t1 = time.perf_counter()
-        with torch.no_grad():
-            for t in range(1, max_frames):
+        for t in range(1, min(max_frames, frame_limit or max_frames)):
+            with torch.no_grad():  # per step: a yield must not leave grad mode off in the caller
                 if noise is not None:
                     noise.fill(bufs, t)
                 runner.run()
                 if noise is not None:
                     noise.prefetch(t)
-                steps += 1
-                if bar is not None:
-                    bar.update(1)
-                if forced_frames is None and t % FINISHED_CHECK_EVERY == 0 and bool(bufs.finished.all()):
+            steps += 1
+            if bar is not None:
+                bar.update(1)
+            if t % FINISHED_CHECK_EVERY == 0:
+                if forced_frames is None and bool(bufs.finished.all()):
                     break
+                yield t, bufs.out_codes
         synchronize(device)
         if bar is not None:
             bar.close()
-        timings["decode_s"] = time.perf_counter() - t1
-        timings["decode_steps"] = steps
-        timings["graph"] = runner.mode
+        timings.decode_s = time.perf_counter() - t1
+        timings.decode_steps = steps
+        timings.decode_mode = runner.mode
 
         n_frames = bufs.n_frames.cpu().tolist()
         finished = bufs.finished.cpu().tolist()
@@ -643,12 +720,12 @@ class Engine:
         cache_len = -(-min_cache_len // 256) * 256
         sampled = not params.greedy or params.ras
         key = (batch, cache_len, max_frames, window_len, asdict(params) | {"max_new_tokens": 0},
-               self.graph, self.compile_backend, str(self.device))
-        ctx = getattr(self, "_ctx", None)
+               self.graph_mode, self.compile_backend, str(self.device))
+        ctx = self.decode_context
         if ctx is not None and ctx.key == key:
             ctx.cache.reset()
             return ctx
-        self._ctx = None  # free the old cache before allocating the new one
+        self.decode_context = None  # free the old cache before allocating the new one
         self.check_decode_memory(batch, min_cache_len - max_frames, max_frames, params)
         cache = StaticCache(config=self.config, max_cache_len=cache_len)
         bufs = DecodeBuffers.create(batch, self.config.num_codebooks, self.config.codebook_size, max_frames,
@@ -660,15 +737,15 @@ class Engine:
             eager_step(model, cache, bufs, params, cfg, cache_kwarg)
 
         compiled = None
-        if self.graph == "compile":
+        if self.decode_mode() == "compile":
             compiled_step = self._compiled_step()
 
             def compiled():
                 compiled_step(model, cache, bufs, params, cfg, cache_kwarg)
 
-        runner = StepRunner(step, self.device, self.graph_enabled(), compiled=compiled)
-        self._ctx = DecodeContext(key, cache, bufs, runner)
-        return self._ctx
+        runner = StepRunner(step, self.device, self.decode_mode() == "on", compiled=compiled)
+        self.decode_context = DecodeContext(key, cache, bufs, runner)
+        return self.decode_context
 
     def decode_memory_bytes(self, batch: int, prompt_len: int, max_frames: int, params: SamplingParams):
         """(device bytes, host bytes) one decode context takes: StaticCache + DecodeBuffers + noise + host copies."""
@@ -713,24 +790,14 @@ class Engine:
         raise UserError(f"{flag} {max_frames}{rows}: the KV cache and decode buffers need {need / 2**30:.1f} GiB "
                         f"but {where} has {free / 2**30:.1f} GiB free; lower {flag} ({hint})")
 
-    def graph_enabled(self) -> bool:
-        if self.graph in ("off", "compile") or self.device.type == "cpu":
-            return False
-        return self.graph in ("on", "auto")
-
-    def requested_graph_mode(self) -> str:
-        """What the decode step should run as: "on" (graph replay), "compile", or "off" (eager)."""
-        if self.graph == "compile":
-            return "compile"
-        return "on" if self.graph_enabled() else "off"
-
     def _compiled_step(self):
         """torch.compile(fullgraph=True) of the step: fails loudly on any host sync or graph break."""
         import torch
 
-        if getattr(self, "_compiled", None) is None:
-            self._compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, backend=self.compile_backend)
-        return self._compiled
+        if self.compiled_step is None:
+            self.compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False,
+                                               backend=self.compile_backend)
+        return self.compiled_step
 
 
 @dataclass
@@ -893,8 +960,8 @@ class StepRunner:
         self.step = step
         self.device = device
         self.compiled = compiled  # torch.compile'd step (--graph compile), tried first
-        self.mode = "compile" if compiled is not None else "off"
-        self.graph = None
+        self.mode = "compile" if compiled is not None else "off"  # what the step runs as so far
+        self.captured = None  # the captured CUDA/NPU graph, once there is one
         self.calls = 0
         self.api = graph_api(device) if enabled else None
         if enabled and self.api is None:
@@ -902,8 +969,8 @@ class StepRunner:
             print(f"warning: no graph API for {device}{hint}; decoding eagerly", file=sys.stderr)
 
     def run(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
+        if self.captured is not None:
+            self.captured.replay()
             return
         if self.compiled is not None:
             first = self.calls == 0
@@ -922,7 +989,7 @@ class StepRunner:
         if self.api is None:
             self.step()
             return
-        graph_cls, graph_ctx, stream_cls, stream_ctx, current_stream = self.api
+        graph_cls, graph_ctx, stream_cls, stream_ctx, current_stream = self.api  # a GraphAPI
         self.calls += 1
         if self.calls <= self.WARMUP:
             side = stream_cls()
@@ -942,13 +1009,23 @@ class StepRunner:
             synchronize(self.device)
             self.step()
             return
-        self.graph = graph
+        self.captured = graph
         self.mode = "on"
         graph.replay()  # capture records without running: run this frame now
 
 
-def graph_api(device):
-    """(Graph, graph context, Stream, stream context, current_stream) for cuda or npu."""
+class GraphAPI(NamedTuple):
+    """torch.cuda's graph-capture API, or torch_npu's mirror of it."""
+
+    graph: type  # CUDAGraph / NPUGraph
+    graph_context: object  # torch.cuda.graph / torch.npu.graph
+    stream: type
+    stream_context: object
+    current_stream: object
+
+
+def graph_api(device) -> GraphAPI | None:
+    """The graph-capture API for a cuda or npu device; None where there is none."""
     import torch
 
     if device.type == "cuda":
@@ -960,7 +1037,7 @@ def graph_api(device):
     graph_cls = getattr(m, "CUDAGraph", None) or getattr(m, "NPUGraph", None)
     if graph_cls is None or not hasattr(m, "graph"):
         return None
-    return graph_cls, m.graph, m.Stream, m.stream, m.current_stream
+    return GraphAPI(graph_cls, m.graph, m.Stream, m.stream, m.current_stream)
 
 
 def first_difference_from_eager(engine: Engine, prompt: Prompt, params: SamplingParams, seed: int, codes):
@@ -969,12 +1046,7 @@ def first_difference_from_eager(engine: Engine, prompt: Prompt, params: Sampling
     `codes` come from the graph-replayed or compiled step: a stale static buffer or a missed
     in-place update shows up here as other codes.
     """
-    mode = engine.graph
-    engine.graph = "off"
-    try:
-        eager, _ = engine.generate([prompt], params, [seed], forced_frames=codes.shape[0])
-    finally:
-        engine.graph = mode
+    eager, _ = engine.with_graph_mode("off").generate([prompt], params, [seed], forced_frames=codes.shape[0])
     differ = (codes != eager[0].codes).any(dim=1).nonzero()
     return int(differ[0]) if len(differ) else None
 
@@ -987,8 +1059,8 @@ def load_engine(model_path, tokenizer_path, device=None, dtype=None, log=None, g
     own loading report after it (nothing initialised at random).
     """
     log = log or (lambda msg: None)
-    if graph not in ("auto", "on", "off", "compile"):
-        raise UserError(f"--graph {graph}: expected auto, on, off or compile")
+    if graph not in GRAPH_MODES:
+        raise UserError(f"--graph {graph}: expected {', '.join(GRAPH_MODES)}")
     model_path, tokenizer_path = Path(model_path), Path(tokenizer_path)
     config = check_model_dir(model_path)
     tokenizer_config = check_tokenizer_dir(tokenizer_path)
@@ -1046,8 +1118,8 @@ def load_engine(model_path, tokenizer_path, device=None, dtype=None, log=None, g
         load_feature_extractor(tokenizer_path, DacFeatureExtractor), tokenizer, audio_tokenizer,
         chat_template=read_text(model_path / "chat_template.jinja"), **processor_token_args(model_path, tokenizer),
     )
-    engine = Engine(model, processor, audio_tokenizer, device, torch_dtype, reason, time.perf_counter() - t0)
-    engine.graph = graph
+    engine = Engine(model, processor, audio_tokenizer, device, torch_dtype, reason, time.perf_counter() - t0,
+                    graph_mode=graph)
     check_chat_template(engine, model_path)
     if graph == "on" and device.type == "cpu":
         print("warning: --graph on: a CPU has no graph capture; decoding eagerly (--graph compile compiles the "
@@ -1151,35 +1223,46 @@ def check_seed(seed: int, retries: int = 0, flag: str = "--seed") -> None:
                         f"pick one from {SEED_MIN} to {SEED_MAX - retries}")
 
 
-def audio_stats(audio) -> dict:
+@dataclass
+class AudioStats:
+    samples: int = 0
+    duration_s: float = 0.0
+    rms: float = 0.0
+    peak: float = 0.0
+    non_finite: int = 0  # NaN / inf samples
+
+
+def audio_stats(audio) -> AudioStats:
     import numpy as np
 
+    if audio is None:
+        return AudioStats()
     finite = np.isfinite(audio)
     clean = np.where(finite, audio, 0.0)
-    return {
-        "samples": int(audio.size),
-        "duration_s": round(audio.size / SAMPLE_RATE, 3),
-        "rms": float(np.sqrt(np.mean(clean.astype(np.float64) ** 2))) if audio.size else 0.0,
-        "peak": float(np.max(np.abs(clean))) if audio.size else 0.0,
-        "non_finite": int(audio.size - finite.sum()),
-    }
+    return AudioStats(
+        samples=int(audio.size),
+        duration_s=round(audio.size / SAMPLE_RATE, 3),
+        rms=float(np.sqrt(np.mean(clean.astype(np.float64) ** 2))) if audio.size else 0.0,
+        peak=float(np.max(np.abs(clean))) if audio.size else 0.0,
+        non_finite=int(audio.size - finite.sum()),
+    )
 
 
 def judge_attempt(text: str, codes, audio) -> str | None:
-    """None if usable, else the reason. The rules are in the README (Retry)."""
+    """None if usable, else the reason. The rules are in docs/design.md (Retry)."""
     frames = codes.shape[0]
     if frames < MIN_FRAMES:
         return f"too short: {frames} frames (< {MIN_FRAMES})"
     if audio is None:
         return "nothing to decode"
     stats = audio_stats(audio)
-    if stats["non_finite"]:
-        return f"non-finite audio: {stats['non_finite']} samples"
+    if stats.non_finite:
+        return f"non-finite audio: {stats.non_finite} samples"
     need = min_expected_seconds(text)
-    if stats["duration_s"] < need:
-        return f"too short for the text: {stats['duration_s']:.2f} s < {need:.2f} s ({speech_units(text)} words/chars)"
-    if stats["rms"] < SILENCE_RMS:
-        return f"silent: RMS {stats['rms']:.2e}"
+    if stats.duration_s < need:
+        return f"too short for the text: {stats.duration_s:.2f} s < {need:.2f} s ({speech_units(text)} words/chars)"
+    if stats.rms < SILENCE_RMS:
+        return f"silent: RMS {stats.rms:.2e}"
     return None
 
 
@@ -1242,89 +1325,705 @@ def load_reference_audio(path: str):
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
+# --------------------------------------------------------------------------- long texts: chunks, runaway guard, streaming
+
+# A chunk holds at most CHUNK_WORDS words, a CJK character counting half a word: at a normal pace (2.5 words or
+# 5 CJK characters a second) that is about 24 s of speech, 600 frames. That leaves the 2048-frame budget over 3x
+# headroom, keeps a prompt with the reference and two context chunks near 2,000 audio positions, and still gives
+# a few sentences of prosody per chunk (Boson's 200 words is about 80 s, right at the budget).
+CHUNK_WORDS = 60
+CONTEXT_CHUNKS = 2  # earlier chunks (text + codes) in each chunk's prompt, as Boson's --generation_chunk_buffer_size
+CHUNK_SEED_STRIDE = 2**32  # chunk k starts at seed + k * 2**32: no collision with any chunk's retries (< 2**32)
+NORMAL_WORDS_PER_SECOND = 2.5  # 150 words a minute; a CJK character counts half a word (5 a second)
+RUNAWAY_FACTOR = 3.0  # a runaway chunk longer than this many times what its text needs is unusable
+RUNAWAY_MIN_NEED_S = 1.0  # "Yes." still may take a breath: no text needs less than this
+TRAILING_SILENCE_S = 2.0  # a chunk ending in more near-silence than this ran away
+NEAR_SILENCE_RMS = 10 ** (-50 / 20)  # -50 dBFS over one 40 ms frame: room tone, not speech
+KEEP_PAUSE_FRAMES = 12  # near-silence kept where a runaway is trimmed: a 0.48 s pause (>= STREAM_LOOKAHEAD)
+FRAME_SAMPLES = 960  # samples per codec frame (24 kHz / 25 Hz)
+FRAMES_PER_SECOND = SAMPLE_RATE // FRAME_SAMPLES
+# The codec decoder's receptive field, measured (docs/longform.md): one frame's codes reach 9.8 frames to each side
+# on the real architecture (8.3 on the tiny codec). Windows with 10 frames of context and of lookahead give the
+# one-shot decode to float rounding (129 dB SNR real-size, 151 dB tiny; 24.5 / 41.6 dB with none), so no crossfade.
+STREAM_CONTEXT = 10
+STREAM_LOOKAHEAD = 10
+
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+_CJK_CHAR = re.compile(f"[{_CJK}]")
+_SENTENCE_END = ".!?;。！？；"
+_CLAUSE_END = ",:，、："
+_FULL_WIDTH_END = "。！？；，、："  # end a sentence or clause without a space after them
+_PAIRS = {"“": "”", "‘": "’", "「": "」", "『": "』", "«": "»", "《": "》", "(": ")", "（": "）", "【": "】", "[": "]"}
+_CLOSERS = set(_PAIRS.values()) | {'"', "'"}
+# "Dr. Smith", "e.g. this": a period after these is not a sentence end (lower-cased, without the period)
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "inc", "ltd", "co", "corp", "mt",
+                  "fig", "vol", "dept", "approx", "no", "gen", "gov", "sen", "rep", "capt", "lt", "col", "sgt"}
+# line break > sentence end > clause end > sentence or clause end inside quotes > word boundary
+_LINE, _SENTENCE, _CLAUSE, _QUOTED, _WORD = 4, 3, 2, 1, 0
+
+
+def chunk_cost(text: str) -> float:
+    """Words of space-separated scripts plus half a CJK character each: about equal speaking time per unit."""
+    cjk = len(_CJK_CHAR.findall(text))
+    return (speech_units(text) - cjk) + cjk / 2 if cjk else float(speech_units(text))
+
+
+def _quoted_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every matched quote or bracket pair; an unmatched one protects nothing."""
+    spans, stack = [], []
+    for i, c in enumerate(text):
+        if c == "’" and 0 < i < len(text) - 1 and text[i - 1].isalpha() and text[i + 1].isalpha():
+            continue  # an apostrophe: it’s
+        if c == '"':
+            if stack and stack[-1][0] == '"':
+                spans.append((stack.pop()[1], i + 1))
+            else:
+                stack.append((c, i))
+        elif c in _PAIRS:
+            stack.append((c, i))
+        elif c in _PAIRS.values():
+            for depth in range(len(stack) - 1, -1, -1):
+                if _PAIRS.get(stack[depth][0]) == c:
+                    spans.append((stack[depth][1], i + 1))
+                    del stack[depth:]
+                    break
+    return spans
+
+
+def _is_abbreviation(text: str, dot: int) -> bool:
+    """Whether the "." at `dot` ends an abbreviation (Dr. / e.g. / U.S. / J.) rather than a sentence."""
+    start = dot
+    while start > 0 and (text[start - 1].isalpha() or text[start - 1] == "."):
+        start -= 1
+    word = text[start:dot]
+    if not word or not word.replace(".", "").isalpha():
+        return False
+    if "." in word:  # e.g, i.e, U.S, a.m: letters joined by periods
+        return all(len(part) == 1 for part in word.split("."))
+    return word.lower() in _ABBREVIATIONS or (len(word) == 1 and word.isupper() and word not in "IA")
+
+
+def _break_levels(text: str) -> dict[int, int]:
+    """Position p -> how good a place to cut between text[:p] and text[p:] is (_LINE ... _WORD).
+
+    Never inside a word or a number (3.14, 1,000: no space after the mark), never after an
+    abbreviation, and a sentence or clause end inside quotes or brackets only as _QUOTED.
+    """
+    inside = [0] * (len(text) + 1)
+    for start, end in _quoted_spans(text):
+        for p in range(start + 1, end):
+            inside[p] = 1
+    levels: dict[int, int] = {}
+
+    def put(p: int, level: int) -> None:
+        if 0 < p < len(text):
+            if inside[p] and level > _QUOTED:
+                level = _QUOTED
+            levels[p] = max(levels.get(p, -1), level)
+
+    for i, c in enumerate(text):
+        nxt = text[i + 1] if i + 1 < len(text) else ""
+        if c == "\n":
+            put(i, _LINE)
+        elif c.isspace():
+            if i > 0 and not text[i - 1].isspace():
+                put(i, _WORD)
+        elif c in _SENTENCE_END or c in _CLAUSE_END:
+            if nxt and (nxt in _SENTENCE_END or nxt in _CLAUSE_END):
+                continue  # "?!", "...": cut after the last mark of a run
+            j = i + 1
+            while j < len(text) and text[j] in _CLOSERS:
+                j += 1
+            after = text[j] if j < len(text) else ""
+            if not (after == "" or after.isspace() or c in _FULL_WIDTH_END or _CJK_CHAR.match(after)):
+                continue  # 3.14, 1,000, a.m.: not followed by a space
+            if c == "." and _is_abbreviation(text, i):
+                continue
+            put(j, _SENTENCE if c in _SENTENCE_END else _CLAUSE)
+        elif nxt and c.isalnum() and nxt.isalnum() and (_CJK_CHAR.match(c) or _CJK_CHAR.match(nxt)):
+            put(i + 1, _WORD)  # between CJK characters, or a CJK character and a Latin word
+    return levels
+
+
+def split_text(text: str, max_words: float = CHUNK_WORDS) -> list[str]:
+    """Cut `text` into chunks of at most `max_words` (chunk_cost), at the best places available.
+
+    Sentences are packed greedily into chunks; a sentence too long alone is cut at clause ends, then
+    at sentence or clause ends inside quotes, then between words. The chunks are stripped substrings
+    that follow each other: joined, they give the text back (less whitespace). `max_words` 0: no cut.
+    """
+    if max_words <= 0 or chunk_cost(text) <= max_words:
+        return [text.strip()] if text.strip() else []
+    levels = _break_levels(text)
+    by_level = {level: sorted(p for p, v in levels.items() if v >= level) for level in range(_LINE + 1)}
+
+    def pack(start: int, end: int, level: int) -> list[tuple[int, int]]:
+        import bisect
+
+        cuts = by_level[level]
+        inner = cuts[bisect.bisect_right(cuts, start):bisect.bisect_left(cuts, end)]
+        bounds = [start, *inner, end]
+        out, cur, cur_cost = [], None, 0.0
+        for a, b in zip(bounds, bounds[1:]):
+            cost = chunk_cost(text[a:b])  # additive: every cut lies between words
+            if cost > max_words and level > _WORD:
+                if cur:
+                    out.append(cur)
+                cur, cur_cost = None, 0.0
+                out += pack(a, b, level - 1)
+            elif cur and cur_cost + cost <= max_words:
+                cur, cur_cost = (cur[0], b), cur_cost + cost
+            else:
+                if cur:
+                    out.append(cur)
+                cur, cur_cost = (a, b), cost
+        if cur:
+            out.append(cur)
+        return out
+
+    return [text[a:b].strip() for a, b in pack(0, len(text), _LINE) if text[a:b].strip()]
+
+
+def chunk_seed(seed: int, k: int, retries: int = 0) -> int:
+    """Chunk k's first seed: seed + k * 2**32, taken mod 2**64 (torch's seed space) into the accepted range.
+
+    Its retries add 1, 2, ... as for any text, so every chunk and attempt of a text gets its own seed while
+    --retries < 2**32; chunk 0 is the plain --seed, so a text of one chunk is generated as before.
+    """
+    s = seed + k * CHUNK_SEED_STRIDE
+    if s + retries > SEED_MAX:
+        s -= 2**64  # torch.Generator.manual_seed(s - 2**64) == manual_seed(s)
+    return s
+
+
+def needed_seconds(text: str) -> float:
+    """What a text needs at a normal pace (NORMAL_WORDS_PER_SECOND), at least RUNAWAY_MIN_NEED_S."""
+    return max(chunk_cost(text) / NORMAL_WORDS_PER_SECOND, RUNAWAY_MIN_NEED_S)
+
+
+def runaway_limit_frames(text: str) -> int:
+    """Aligned frames above which a runaway chunk is unusable: RUNAWAY_FACTOR x needed_seconds."""
+    return math.ceil(RUNAWAY_FACTOR * needed_seconds(text) * FRAMES_PER_SECOND)
+
+
+def chunk_frame_budget(text: str, max_new_tokens: int, num_codebooks: int) -> int:
+    """Frames to generate for a chunk at most: past the runaway limit a chunk without EOS is unusable anyway,
+    so it stops one aligned frame beyond it (plus the delay pattern's BOS frame, C-1 delay rows, closing column)."""
+    return min(max_new_tokens, runaway_limit_frames(text) + 1 + num_codebooks + 1)
+
+
+def frame_rms(audio):
+    """float32 [T * 960] -> [T] RMS of each codec frame (NaN where a frame holds a non-finite sample)."""
+    import numpy as np
+
+    n = audio.size // FRAME_SAMPLES
+    frames = np.asarray(audio[: n * FRAME_SAMPLES], dtype=np.float64).reshape(n, FRAME_SAMPLES)
+    return np.sqrt((frames**2).mean(axis=1))
+
+
+def trailing_silent_frames(rms) -> int:
+    n = 0
+    for value in reversed(rms):
+        if not value < NEAR_SILENCE_RMS:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class Guard:
+    keep: int  # aligned frames to keep
+    reason: str | None  # why the chunk is unusable, or None
+    note: str = ""  # what the guard did, for the log ("" when nothing)
+
+
+def runaway_guard(text: str, rms, finished: bool) -> Guard:
+    """Issue 13's runaway rule for one chunk, on the RMS of its frames.
+
+    A chunk that reached its frame budget without EOS, or ends in more than TRAILING_SILENCE_S of
+    near-silence, gets that trailing silence cut to a KEEP_PAUSE_FRAMES pause; it is unusable when
+    it is then still longer than RUNAWAY_FACTOR x what its text needs.
+    """
+    n = len(rms)
+    silent = trailing_silent_frames(rms)
+    long_silence = silent > TRAILING_SILENCE_S * FRAMES_PER_SECOND
+    if finished and not long_silence:
+        return Guard(n, None)
+    keep = n - max(silent - KEEP_PAUSE_FRAMES, 0)
+    why = f"{silent / FRAMES_PER_SECOND:.2f} s of trailing near-silence" if long_silence else \
+        "no EOS within the chunk's frame budget"
+    note = f"{why}: trimmed {(n - keep) / FRAMES_PER_SECOND:.2f} s" if keep < n else why
+    limit = runaway_limit_frames(text)
+    if keep > limit:
+        return Guard(keep, f"runaway: {why}; {keep / FRAMES_PER_SECOND:.2f} s left > {RUNAWAY_FACTOR:g} x the "
+                           f"{needed_seconds(text):.2f} s the text needs", note)
+    return Guard(keep, None, note)
+
+
+def judge_chunk(text: str, generated_frames: int, rms) -> str | None:
+    """judge_attempt's rules (README, Retry) on a chunk's frame RMS: None if usable, else the reason."""
+    import numpy as np
+
+    if generated_frames < MIN_FRAMES:
+        return f"too short: {generated_frames} frames (< {MIN_FRAMES})"
+    if len(rms) == 0:
+        return "nothing to decode"
+    rms = np.asarray(rms, dtype=np.float64)
+    if not np.isfinite(rms).all():
+        return f"non-finite audio in {int((~np.isfinite(rms)).sum())} frames"
+    duration, need = len(rms) / FRAMES_PER_SECOND, min_expected_seconds(text)
+    if duration < need:
+        return f"too short for the text: {duration:.2f} s < {need:.2f} s ({speech_units(text)} words/chars)"
+    overall = float(np.sqrt(np.mean(rms**2)))
+    if overall < SILENCE_RMS:
+        return f"silent: RMS {overall:.2e}"
+    return None
+
+
+def usable_prefix(aligned, bos_id: int):
+    """Aligned codes up to the first frame holding a stream marker (a closing EOS column): what a chunk keeps."""
+    valid = valid_frame_mask(aligned, bos_id)
+    n = int(valid.long().cumprod(0).sum()) if len(valid) else 0
+    return aligned[:n]
+
+
+class StreamDecoder:
+    """Aligned codes in as they are generated, audio out in pieces equal to one decode of all the codes.
+
+    The codec decoder is a stack of same-padded convolutions, so a sample depends on the codes of a
+    limited number of frames on each side (its receptive field, measured in docs/longform.md). New
+    frames are decoded in a window reaching `context` frames back and `lookahead` frames ahead, and
+    only the window's centre is kept; the last `lookahead` frames wait for the frames after them
+    (or for `pull(final=True)`). With context and lookahead at least the receptive field the pieces
+    match a one-shot decode to float rounding, so there is no crossfade.
+
+    `hold_silence`: audio of a trailing run of near-silent frames is held back until a louder frame
+    follows it, so that a runaway's trailing silence can still be trimmed (`truncate`) unheard.
+    """
+
+    def __init__(self, decode, context: int = STREAM_CONTEXT, lookahead: int = STREAM_LOOKAHEAD,
+                 hold_silence: bool = False):
+        self.decode = decode  # [T, C] long codes -> float32 numpy, T * FRAME_SAMPLES samples
+        self.context = context
+        self.lookahead = lookahead
+        self.hold_silence = hold_silence
+        self.codes = None  # [T, C] every aligned frame so far
+        self.ready = 0  # frames [0, ready) are decoded for good; [emitted, ready) wait in self.pending
+        self.emitted = 0
+        self.pending = []  # one float32 array per frame
+        self.rms = []  # RMS of frames [0, ready)
+        self.decoded_frames = 0  # frames run through the codec, context included (what streaming costs)
+
+    def __len__(self) -> int:
+        return 0 if self.codes is None else int(self.codes.shape[0])
+
+    def append(self, aligned) -> None:
+        import torch
+
+        if len(aligned):
+            self.codes = aligned.clone() if self.codes is None else torch.cat([self.codes, aligned])
+
+    def can_truncate(self, n: int) -> bool:
+        """Whether frames n.. may still change: no audio out so far was decoded with them as right context."""
+        return n >= len(self) or self.emitted == 0 or n >= self.emitted + self.lookahead
+
+    def truncate(self, n: int) -> None:
+        """Forget frames n..: a trimmed runaway tail, or a retried attempt that nobody has heard yet."""
+        if not self.can_truncate(n):
+            raise ValueError(f"cannot cut at frame {n}: audio up to frame {self.emitted} is out already")
+        if n >= len(self):
+            return
+        self.codes = self.codes[:n]
+        keep = max(min(self.ready, n - self.lookahead), self.emitted)
+        del self.pending[keep - self.emitted:]
+        del self.rms[keep:]
+        self.ready = keep
+
+    def _window(self, end: int):
+        """Audio of frames [ready, end), decoded with up to `context` frames before them."""
+        import numpy as np
+
+        start = max(self.ready - self.context, 0)
+        stop = min(end + self.lookahead, len(self))
+        audio = self.decode(self.codes[start:stop])
+        self.decoded_frames += stop - start
+        kept = audio[(self.ready - start) * FRAME_SAMPLES:(end - start) * FRAME_SAMPLES]
+        return np.asarray(kept, dtype=np.float32).reshape(end - self.ready, FRAME_SAMPLES)
+
+    def pull(self, final: bool = False):
+        """Audio of every frame that is final now (all of them when `final`: the codes end here)."""
+        import numpy as np
+
+        end = len(self) if final else len(self) - self.lookahead
+        if end > self.ready:
+            frames = self._window(end)
+            self.pending += list(frames)
+            self.rms += list(np.sqrt((frames.astype(np.float64) ** 2).mean(axis=1)))
+            self.ready = end
+        out = len(self.pending)
+        if self.hold_silence and not final:
+            while out > 0 and self.rms[self.emitted + out - 1] < NEAR_SILENCE_RMS:
+                out -= 1
+        piece = np.concatenate(self.pending[:out]) if out else np.zeros(0, dtype=np.float32)
+        del self.pending[:out]
+        self.emitted += out
+        return piece
+
+    def frame_rms_from(self, start: int):
+        """RMS of frames start.. as they sound if the codes end here: a chunk's frames at its end, for the
+        runaway and retry rules (the last `lookahead` frames decoded without the frames that will follow)."""
+        import numpy as np
+
+        tail = self._window(len(self)) if len(self) > self.ready else np.zeros((0, FRAME_SAMPLES), np.float32)
+        return np.concatenate([np.asarray(self.rms[start:], dtype=np.float64),
+                               np.sqrt((tail.astype(np.float64) ** 2).mean(axis=1))])
+
+
+class AlignedReader:
+    """Delay-pattern rows of one generation row, read at host syncs -> aligned frames as they become final.
+
+    Aligned frame j takes codebook c from row j + c + 1, so rows 0..t give frames j <= t - C; the last of
+    those is held back, as revert_delay_pattern drops the last column at the end. Frames stop at the
+    first one holding a stream marker (usable_prefix).
+    """
+
+    def __init__(self, num_codebooks: int, bos_id: int):
+        self.num_cb = num_codebooks
+        self.bos_id = bos_id
+        self.rows = None
+        self.frames = 0  # aligned frames handed out
+        self.stopped = False
+
+    def read(self, out_codes, t: int, row: int = 0):
+        import torch
+
+        have = 0 if self.rows is None else self.rows.shape[0]
+        new = out_codes[row, have:t + 1].to("cpu", copy=True)
+        self.rows = new if self.rows is None else torch.cat([self.rows, new])
+        n = max(self.rows.shape[0] - self.num_cb - 1, 0)
+        if self.stopped or n <= self.frames:
+            return self.rows.new_zeros((0, self.num_cb))
+        aligned = torch.stack([self.rows[c + 1 + self.frames: c + 1 + n, c] for c in range(self.num_cb)], dim=1)
+        valid = usable_prefix(aligned, self.bos_id)
+        self.stopped = valid.shape[0] < aligned.shape[0]
+        self.frames += valid.shape[0]
+        return valid
+
+
+@dataclass
+class ChunkResult:
+    index: int
+    text: str
+    seed: int  # the seed of the attempt kept
+    start_frame: int  # where its frames begin in the text's codes
+    frames: int  # aligned frames kept (after the runaway guard)
+    generated_frames: int  # delay-pattern frames generated by the attempt kept
+    finished: bool  # closed by EOS
+    usable: bool
+    outcome: str  # "ok" or why it is unusable
+    guard: str  # what the runaway guard did ("" when nothing)
+    prompt_tokens: int
+    attempts: list = field(default_factory=list)  # one Attempt each
+    timings: dict = field(default_factory=dict)  # prefill_s, decode_s, decode_steps, audio_decode_s, wall_s
+
+
+@dataclass
+class SpeechResult:
+    chunks: list  # ChunkResult per chunk
+    codes: object  # [T, C] aligned codes of the whole text: the audio is their one decode
+    samples: int
+    streamed: bool
+    time_to_first_audio_s: float | None
+    total_s: float
+    decode_modes: list = field(default_factory=list)
+
+    @property
+    def usable(self) -> bool:
+        return all(c.usable for c in self.chunks)
+
+
+def _speak(engine, chunks: list[str], params: SamplingParams, seed: int, retries: int, scene, ref_codes, ref_text,
+           context_chunks: int, stream: bool, log, progress: bool):
+    """The chunk loop behind speak(): a generator of float32 pieces; returns a SpeechResult."""
+    import numpy as np
+    import torch
+
+    t_start = time.perf_counter()
+    cfg = engine.config
+    num_cb, bos = cfg.num_codebooks, cfg.audio_stream_bos_id
+    decoder = StreamDecoder(engine.decode_audio, hold_silence=True) if stream else None
+    done: list[ChunkResult] = []
+    kept_codes: list = []  # aligned codes of each chunk, as kept
+    first_audio = None
+    min_cache = 0
+    modes = []
+    many = len(chunks) > 1
+    for k, text in enumerate(chunks):
+        t_chunk = time.perf_counter()
+        label = f"chunk {k + 1}/{len(chunks)}: " if many else ""
+        # the reference voice, else chunk 0 (it fixes the voice), then the last context_chunks chunks
+        first = max(k - context_chunks, 0 if ref_codes is not None else 1)
+        turns = ([] if ref_codes is not None or k == 0 else [0]) + list(range(first, k))
+        prompt = engine.build_prompt(text, scene, ref_codes, ref_text,
+                                     history=[(chunks[i], kept_codes[i].T) for i in turns])
+        # one cache for the whole text: grown in steps of 1024 positions, so that chunks share it (and its graph)
+        min_cache = max(min_cache, -(-(len(prompt.input_ids) + params.max_new_tokens) // 1024) * 1024)
+        budget = chunk_frame_budget(text, params.max_new_tokens, num_cb)
+        base = chunk_seed(seed, k, retries)
+        start = sum(c.shape[0] for c in kept_codes)
+        attempts, best = [], None
+        for a in range(retries + 1):
+            attempt_seed = base + a
+            reader = AlignedReader(num_cb, bos)
+            frames = engine.generate_frames([prompt], params, [attempt_seed], progress=progress,
+                                            frame_limit=budget, min_cache_len=min_cache)
+            while True:
+                try:
+                    t, out_codes = next(frames)
+                except StopIteration as stop:
+                    gens, timings = stop.value
+                    break
+                if decoder is not None:
+                    decoder.append(reader.read(out_codes, t))
+                    piece = decoder.pull()
+                    if piece.size:
+                        if first_audio is None:
+                            first_audio = time.perf_counter() - t_start
+                            log(f"{label}first audio after {first_audio:.2f} s")
+                        yield piece
+            gen = gens[0]
+            modes.append(timings.decode_mode)
+            aligned = usable_prefix(revert_delay_pattern(gen.codes), bos)
+            t_dec = time.perf_counter()
+            if decoder is not None:
+                decoder.append(aligned[reader.frames:])
+                rms = decoder.frame_rms_from(start)
+            else:
+                audio = engine.decode_audio(aligned) if aligned.shape[0] else np.zeros(0, np.float32)
+                rms = frame_rms(audio)
+            guard = runaway_guard(text, rms, gen.finished)
+            reason = guard.reason or judge_chunk(text, int(gen.codes.shape[0]), rms[:guard.keep])
+            audio_decode_s = time.perf_counter() - t_dec
+            attempts.append(asdict(Attempt(seed=attempt_seed, frames=int(gen.codes.shape[0]), finished=gen.finished,
+                                            outcome=reason or "ok")))
+            timing = {"prefill_s": round(timings.prefill_s, 4), "decode_s": round(timings.decode_s, 4),
+                      "decode_steps": timings.decode_steps, "audio_decode_s": round(audio_decode_s, 4)}
+            candidate = (reason is None, guard.keep, aligned[:guard.keep], gen, guard, reason, timing, attempt_seed)
+            # --stream keeps the attempt the decoder holds (the last); otherwise the best: usable, then longest
+            if best is None or decoder is not None or candidate[:2] > best[:2]:
+                best = candidate
+            if guard.note:
+                log(f"{label}attempt {a + 1} (seed {attempt_seed}): runaway guard: {guard.note}")
+            if reason is None:
+                log(f"{label}attempt {a + 1} (seed {attempt_seed}): ok, {guard.keep} frames")
+                break
+            log(f"{label}attempt {a + 1} (seed {attempt_seed}) unusable: {reason}")
+            if decoder is not None:
+                if not decoder.can_truncate(start):
+                    log(f"{label}kept: its audio is out already (--stream cannot take it back)")
+                    break
+                if a < retries:
+                    decoder.truncate(start)
+        ok, keep, codes, gen, guard, reason, timing, used_seed = best
+        if decoder is not None:
+            decoder.truncate(start + keep)
+        kept_codes.append(codes)
+        done.append(ChunkResult(
+            index=k, text=text, seed=used_seed, start_frame=start, frames=keep,
+            generated_frames=int(gen.codes.shape[0]), finished=gen.finished, usable=ok, outcome=reason or "ok",
+            guard=guard.note, prompt_tokens=int(len(prompt.input_ids)), attempts=attempts,
+            timings=dict(timing, wall_s=round(time.perf_counter() - t_chunk, 4))))
+    codes = torch.cat(kept_codes) if kept_codes else torch.zeros((0, num_cb), dtype=torch.long)
+    if decoder is not None:
+        tail = decoder.pull(final=True)
+        samples = decoder.emitted * FRAME_SAMPLES
+    else:
+        tail = engine.decode_audio(codes) if codes.shape[0] else np.zeros(0, np.float32)
+        samples = tail.size
+    if tail.size:
+        if first_audio is None:
+            first_audio = time.perf_counter() - t_start
+        yield tail
+    return SpeechResult(chunks=done, codes=codes, samples=samples, streamed=stream,
+                        time_to_first_audio_s=first_audio, total_s=time.perf_counter() - t_start,
+                        decode_modes=sorted(set(modes)))
+
+
+class SpeechStream:
+    """What speak() returns: iterate it for the audio pieces; `result` (a SpeechResult) once it is exhausted.
+
+    `close()` (or leaving a for loop early and dropping it) stops the generation at its next host sync.
+    """
+
+    def __init__(self, pieces):
+        self._pieces = pieces
+        self.result: SpeechResult | None = None
+
+    def __iter__(self):
+        self.result = yield from self._pieces
+
+    def close(self) -> None:
+        self._pieces.close()
+
+
+def speak(engine: Engine, text: str, params: SamplingParams | None = None, *, seed: int = 1, retries: int = 3,
+          scene: str | None = DEFAULT_SCENE, ref_audio=None, ref_codes=None, ref_text: str | None = None,
+          chunk_words: float = CHUNK_WORDS, context_chunks: int = CONTEXT_CHUNKS, stream: bool = True,
+          log=None, progress: bool = False) -> SpeechStream:
+    """Speak `text` (any length) in one voice: the Python API under the CLI and the server.
+
+    Iterating the returned SpeechStream yields float32 numpy pieces at 24 kHz (SAMPLE_RATE, mono) whose
+    concatenation is the whole audio; `stream=True` yields them while the text is generated (pieces of
+    about 0.6 s, the first after about 32 frames), `stream=False` yields one piece at the end, decoded
+    from all chunks' codes at once. The options are the CLI's; `ref_audio` is 24 kHz mono float32 (or
+    pass `ref_codes` [C, T] from engine.encode_audio). A user mistake raises UserError here, before any
+    audio; an engine failure raises from the iteration. Unusable chunks do not raise: see
+    stream.result.chunks[i].usable / .outcome.
+    """
+    params = params or SamplingParams()
+    params.validate()
+    check_seed(seed, retries)
+    log = log or (lambda msg: None)
+    if not text or not text.strip():
+        raise UserError("the text is empty: give the text to speak")
+    if chunk_words < 0:
+        raise UserError(f"--chunk_words must be >= 0 (0 = one chunk), got {chunk_words}")
+    if context_chunks < 0:
+        raise UserError(f"--context_chunks must be >= 0, got {context_chunks}")
+    if params.max_new_tokens < MIN_FRAMES:
+        raise UserError(f"--max_new_tokens {params.max_new_tokens}: at least {MIN_FRAMES} frames are needed")
+    chunks = split_text(text, chunk_words)
+    if len(chunks) > 1 and retries >= CHUNK_SEED_STRIDE:
+        raise UserError(f"--retries {retries}: at most {CHUNK_SEED_STRIDE - 1} with several chunks "
+                        f"(chunk k starts at seed + k * {CHUNK_SEED_STRIDE})")
+    if ref_audio is not None:
+        if ref_audio.size < engine.min_audio_samples():
+            raise UserError(f"the reference audio ({ref_audio.size} samples) is shorter than the "
+                            f"{engine.min_audio_samples()} samples the audio tokenizer needs")
+        ref_codes = engine.encode_audio(ref_audio)
+    if len(chunks) > 1:
+        log(f"Text: {len(chunks)} chunks of at most {chunk_words:g} words (a CJK character counts half), "
+            f"{context_chunks} context chunks")
+    return SpeechStream(_speak(engine, chunks, params, seed, retries, scene, ref_codes, ref_text, context_chunks,
+                               stream, log, progress))
+
+
 # --------------------------------------------------------------------------- synthesis
 
 
 @dataclass
+class SpeechRequest:
+    """One text to speak, with its own seed and voice; rows of one batch share the SamplingParams."""
+
+    text: str
+    seed: int
+    scene: str | None = DEFAULT_SCENE
+    ref_codes: object = None  # [C, T] codes of a reference voice, or None
+    ref_text: str | None = None  # transcript of the reference voice
+    label: str = ""  # prefixes its log lines, e.g. "line 3: "
+
+
+@dataclass
 class Attempt:
+    """What one attempt gave, as the sidecar lists it."""
+
     seed: int
     frames: int
     finished: bool
     outcome: str  # "ok" or the reason it was unusable
-    stats: dict = field(default_factory=dict)
+    stats: AudioStats = field(default_factory=AudioStats)
 
 
-def synthesize_batch(engine: Engine, texts: list[str], params: SamplingParams, seed: int, retries: int,
-                     scene: str | None, ref_codes=None, ref_text=None, progress=False, log=None, labels=None):
-    """Texts -> one result dict per text, each retried alone with the next seeds while unusable.
+@dataclass
+class Candidate:
+    """One attempt's output, kept while it is the best so far."""
 
-    `labels` (e.g. "line 3: ") prefix each text's attempt lines, so a batch's lines say whose they are.
-    """
+    generation: Generation
+    aligned: object  # [T, C] codes after the delay revert
+    audio: object  # float32 numpy at 24 kHz, or None when nothing was left to decode
+    timings: Timings
+    reason: str | None  # why it is unusable; None = usable
+
+    @property
+    def usable(self) -> bool:
+        return self.reason is None
+
+    def better_than(self, other: Candidate) -> bool:
+        """A usable attempt beats an unusable one; then the longer audio wins."""
+        if self.usable != other.usable:
+            return self.usable
+        return audio_stats(self.audio).samples > audio_stats(other.audio).samples
+
+
+@dataclass
+class Synthesis:
+    """A request's result: every attempt, and the best one."""
+
+    request: SpeechRequest
+    prompt_tokens: int
+    attempts: list[Attempt]
+    best: Candidate
+
+    @property
+    def usable(self) -> bool:
+        return self.best.usable
+
+
+def synthesize(engine: Engine, requests: list[SpeechRequest], params: SamplingParams, retries: int,
+               progress: bool = False, log=None) -> list[Synthesis]:
+    """Requests -> one Synthesis each. They decode as one batch; each unusable one is retried with its
+    next seed (seed + 1, seed + 2, ...) together with the others still pending."""
     log = log or (lambda msg: None)
-    labels = labels or [""] * len(texts)
-    prompts = [engine.build_prompt(t, scene, ref_codes, ref_text) for t in texts]
-    results = [None] * len(texts)
-    pending = list(range(len(texts)))
-    seeds = retry_seeds(seed, retries)
-    for attempt_no, attempt_seed in enumerate(seeds):
+    prompts = [engine.build_prompt(r.text, r.scene, r.ref_codes, r.ref_text) for r in requests]
+    attempts: list[list[Attempt]] = [[] for _ in requests]
+    best: list[Candidate | None] = [None] * len(requests)
+    pending = list(range(len(requests)))
+    for attempt_no in range(retries + 1):
         if not pending:
             break
-        gens, timings = engine.generate([prompts[i] for i in pending], params,
-                                        [attempt_seed] * len(pending), progress=progress)
+        seeds = [requests[i].seed + attempt_no for i in pending]
+        gens, timings = engine.generate([prompts[i] for i in pending], params, seeds, progress=progress)
         still = []
         for i, gen in zip(pending, gens):
+            request = requests[i]
             t_dec = time.perf_counter()
             aligned = revert_delay_pattern(gen.codes)
             audio = engine.decode_audio(aligned) if aligned.shape[0] > 0 else None
-            decode_s = time.perf_counter() - t_dec
-            reason = judge_attempt(texts[i], gen.codes, audio)
-            stats = audio_stats(audio) if audio is not None else {}
-            attempt = Attempt(seed=attempt_seed, frames=int(gen.codes.shape[0]), finished=gen.finished,
-                              outcome=reason or "ok", stats=stats)
-            entry = results[i] or {"attempts": [], "best": None}
-            entry["attempts"].append(asdict(attempt))
-            candidate = {"gen": gen, "audio": audio, "aligned": aligned, "timings": dict(timings, audio_decode_s=decode_s),
-                         "prompt_tokens": int(len(prompts[i].input_ids)), "ok": reason is None}
-            if entry["best"] is None or _better(candidate, entry["best"]):
-                entry["best"] = candidate
-            results[i] = entry
+            row_timings = replace(timings, audio_decode_s=time.perf_counter() - t_dec)
+            candidate = Candidate(gen, aligned, audio, row_timings, judge_attempt(request.text, gen.codes, audio))
+            attempts[i].append(Attempt(seed=gen.seed, frames=int(gen.codes.shape[0]), finished=gen.finished,
+                                       outcome=candidate.reason or "ok", stats=audio_stats(audio)))
+            if best[i] is None or candidate.better_than(best[i]):
+                best[i] = candidate
             # no EOS: the model was still speaking when the budget ran out, so the end may be cut off
             cut_off = "" if gen.finished else (f" (no EOS within --max_new_tokens {params.max_new_tokens}: "
                                                "the end may be cut off; raise --max_new_tokens)")
-            if reason is None:
-                log(f"{labels[i]}attempt {attempt_no + 1} (seed {attempt_seed}): ok, {gen.codes.shape[0]} frames"
+            if candidate.usable:
+                log(f"{request.label}attempt {attempt_no + 1} (seed {gen.seed}): ok, {gen.codes.shape[0]} frames"
                     + cut_off)
             else:
-                log(f"{labels[i]}attempt {attempt_no + 1} (seed {attempt_seed}) unusable: {reason}{cut_off}")
+                log(f"{request.label}attempt {attempt_no + 1} (seed {gen.seed}) unusable: {candidate.reason}{cut_off}")
                 still.append(i)
         pending = still
-    return results
+    return [Synthesis(r, int(len(p.input_ids)), a, b) for r, p, a, b in zip(requests, prompts, attempts, best)]
 
 
-def _better(candidate: dict, best: dict) -> bool:
-    if candidate["ok"] != best["ok"]:
-        return candidate["ok"]
-    length = lambda c: 0 if c["audio"] is None else c["audio"].size  # noqa: E731
-    return length(candidate) > length(best)
-
-
-def report(engine: Engine, entry: dict, log) -> dict:
-    best = entry["best"]
-    gen, audio, timings = best["gen"], best["audio"], best["timings"]
+def report(engine: Engine, result: Synthesis, log) -> dict:
+    """Log what the best attempt took, and return the sidecar's summary fields."""
+    best = result.best
+    gen, timings = best.generation, best.timings
     frames = int(gen.codes.shape[0])
-    steps = max(timings["decode_steps"], 1)
-    decode_s = timings["decode_s"]
-    frames_per_s = steps / decode_s if decode_s > 0 else float("inf")
+    steps = max(timings.decode_steps, 1)
+    frames_per_s = steps / timings.decode_s if timings.decode_s > 0 else float("inf")
     bytes_per_frame = engine.decode_bytes_per_frame()
-    stats = audio_stats(audio) if audio is not None else {"samples": 0, "duration_s": 0.0}
-    gen_s = timings["prefill_s"] + decode_s
-    rtf = gen_s / stats["duration_s"] if stats.get("duration_s") else None
-    valid = int(valid_frame_mask(best["aligned"], engine.config.audio_stream_bos_id).sum())
-    log(f"Generated {frames} frames in {gen_s:.2f}s (prefill {timings['prefill_s'] * 1000:.0f} ms, "
+    stats = audio_stats(best.audio)
+    gen_s = timings.prefill_s + timings.decode_s
+    rtf = gen_s / stats.duration_s if stats.duration_s else None
+    valid = int(valid_frame_mask(best.aligned, engine.config.audio_stream_bos_id).sum())
+    log(f"Generated {frames} frames in {gen_s:.2f}s (prefill {timings.prefill_s * 1000:.0f} ms, "
         f"{frames_per_s:.1f} frames/s = tokens/s, {1000 / frames_per_s:.1f} ms/frame)")
     log(f"Audio codes: {tuple(gen.codes.shape)} -> valid frames after delay revert: {valid}")
-    log(f"Audio shape: ({stats['samples']},)  duration {stats['duration_s']:.2f}s  "
-        f"decode {timings['audio_decode_s']:.2f}s")
+    log(f"Audio shape: ({stats.samples},)  duration {stats.duration_s:.2f}s  decode {timings.audio_decode_s:.2f}s")
     if rtf is not None:
         log(f"Real-time factor: {rtf:.3f} (generation s / audio s; < 1 is faster than real time)")
     log(f"Achieved bandwidth: {bytes_per_frame * frames_per_s / 1e9:.2f} GB/s "
@@ -1336,14 +2035,14 @@ def report(engine: Engine, entry: dict, log) -> dict:
         "frames": frames,
         "finished_by_eos": gen.finished,
         "valid_frames": valid,
-        "duration_s": stats.get("duration_s", 0.0),
-        "rms": stats.get("rms"),
-        "peak": stats.get("peak"),
+        "duration_s": stats.duration_s,
+        "rms": stats.rms if best.audio is not None else None,
+        "peak": stats.peak if best.audio is not None else None,
         "timings": {
             "load_s": round(engine.load_seconds, 3),
-            "prefill_s": round(timings["prefill_s"], 4),
-            "decode_s": round(decode_s, 4),
-            "audio_decode_s": round(timings["audio_decode_s"], 4),
+            "prefill_s": round(timings.prefill_s, 4),
+            "decode_s": round(timings.decode_s, 4),
+            "audio_decode_s": round(timings.audio_decode_s, 4),
             "frames_per_s": round(frames_per_s, 2),
             "ms_per_frame": round(1000 / frames_per_s, 3),
             "real_time_factor": None if rtf is None else round(rtf, 4),
@@ -1547,44 +2246,45 @@ def run(args, log) -> int:
     failures = 0
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start:start + args.batch_size]
-        labels = [f"line {line_no + 1}: " if args.text_file is not None else "" for line_no, _ in chunk]
-        for label, (_, text) in zip(labels, chunk):
-            log(f"{label}Input text: {cut(text)!r}")
-        entries = synthesize_batch(engine, [t for _, t in chunk], params, args.seed, args.retries, args.scene or None,
-                                   ref_codes, args.ref_text, progress=sys.stderr.isatty(), log=log, labels=labels)
+        requests = [SpeechRequest(text, args.seed, args.scene or None, ref_codes, args.ref_text,
+                                  label=f"line {line_no + 1}: " if args.text_file is not None else "")
+                    for line_no, text in chunk]
+        for request in requests:
+            log(f"{request.label}Input text: {cut(request.text)!r}")
+        results = synthesize(engine, requests, params, args.retries, progress=sys.stderr.isatty(), log=log)
         make_output_dir(out_dir)  # only now: a run that fails before its first file leaves no empty folder
-        for (line_no, text), entry in zip(chunk, entries):
-            best = entry["best"]
-            log(f"Input tokens: {best['prompt_tokens']}")
+        for (line_no, text), result in zip(chunk, results):
+            best = result.best
+            log(f"Input tokens: {result.prompt_tokens}")
             wav_path = out_dir / output_name(args, line_no)
-            summary = report(engine, entry, log)
-            if best["audio"] is not None:
-                write_wav_atomic(wav_path, best["audio"])
+            summary = report(engine, result, log)
+            if best.audio is not None:
+                write_wav_atomic(wav_path, best.audio)
             sidecar = {
                 "text": text,
-                "wav": str(wav_path) if best["audio"] is not None else None,
+                "wav": str(wav_path) if best.audio is not None else None,
                 "sample_rate": SAMPLE_RATE,
                 "seed_requested": args.seed,
-                "seed_used": best["gen"].seed,
-                "usable": best["ok"],
+                "seed_used": best.generation.seed,
+                "usable": result.usable,
                 "parameters": {
                     **asdict(params), "scene": args.scene, "retries": args.retries,
                     "ref_audio": args.ref_audio, "ref_text": args.ref_text, "batch_size": args.batch_size,
                     "device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
                     "model_path": str(args.model_path), "tokenizer_path": str(args.tokenizer_path),
                 },
-                "attempts": entry["attempts"],
+                "attempts": [asdict(a) for a in result.attempts],
                 **summary,
             }
             write_json_atomic(wav_path.with_suffix(".json"), sidecar)
-            if best["ok"]:
+            if result.usable:
                 log(f"Saved: {wav_path}")
             else:
                 failures += 1
-                if best["audio"] is not None:
+                if best.audio is not None:
                     log(f"Saved the best unusable attempt: {wav_path}")
                 print(f"error: every attempt was unusable for {cut(text, 40)!r} "
-                      f"({entry['attempts'][-1]['outcome']}); see {wav_path.with_suffix('.json')}", file=sys.stderr)
+                      f"({result.attempts[-1].outcome}); see {wav_path.with_suffix('.json')}", file=sys.stderr)
     return 1 if failures else 0
 
 
@@ -1614,25 +2314,25 @@ def selftest(args, log) -> int:
         codes = gens[0].codes
         if codes.shape != (60, engine.config.num_codebooks) or not bool((codes[0] == 1024).all()):
             raise AssertionError(f"unexpected codes: shape {tuple(codes.shape)}")
-        fps = timings["decode_steps"] / timings["decode_s"]
-        checks.append((f"prefill + 60 frames ({fps:.1f} frames/s, graph {timings['graph']})", time.perf_counter() - t0))
+        fps = timings.decode_steps / timings.decode_s
+        checks.append((f"prefill + 60 frames ({fps:.1f} frames/s, graph {timings.decode_mode})", time.perf_counter() - t0))
         t0 = time.perf_counter()
-        if timings["graph"] != "off":
+        if timings.decode_mode != "off":
             differs_at = first_difference_from_eager(engine, prompt, params, args.seed, codes)
             if differs_at is not None:
-                raise AssertionError(f"graph {timings['graph']} decode gives other codes than eager "
+                raise AssertionError(f"graph {timings.decode_mode} decode gives other codes than eager "
                                      f"from frame {differs_at}")
-            checks.append((f"graph {timings['graph']} decode: 60 frames equal to eager", time.perf_counter() - t0))
-        elif engine.requested_graph_mode() != "off":
-            what = "torch.compile" if engine.requested_graph_mode() == "compile" else "graph capture"
+            checks.append((f"graph {timings.decode_mode} decode: 60 frames equal to eager", time.perf_counter() - t0))
+        elif engine.decode_mode() != "off":
+            what = "torch.compile" if engine.decode_mode() == "compile" else "graph capture"
             checks.append((f"{what} failed, decoding eagerly (slower; see warning)", 0.0, "warn"))
         t0 = time.perf_counter()
         aligned = revert_delay_pattern(codes)
         audio = engine.decode_audio(aligned)
         stats = audio_stats(audio)
-        if stats["non_finite"] or stats["samples"] != aligned.shape[0] * 960:
+        if stats.non_finite or stats.samples != aligned.shape[0] * 960:
             raise AssertionError(f"bad audio: {stats}")
-        checks.append((f"decode {aligned.shape[0]} frames -> {stats['samples']} samples", time.perf_counter() - t0))
+        checks.append((f"decode {aligned.shape[0]} frames -> {stats.samples} samples", time.perf_counter() - t0))
         t0 = time.perf_counter()
         wav = Path(tmp) / "selftest.wav"
         write_wav_atomic(wav, audio)

@@ -121,7 +121,7 @@ def validation_error(e: ValidationError) -> ApiError:
 # --------------------------------------------------------------------------- request
 
 
-class SpeechRequest(BaseModel):
+class SpeechBody(BaseModel):
     """OpenAI's /v1/audio/speech fields plus Higgs' sampling extras; unknown fields are refused (typos)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -191,10 +191,10 @@ def tracked_stream_class():
     return TrackedStream
 
 
-def parse_request(body: bytes, opts, voices: dict, formats: list[str]) -> tuple[SpeechRequest, dict, tuple]:
+def parse_request(body: bytes, opts, voices: dict, formats: list[str]) -> tuple[SpeechBody, dict, tuple]:
     """The request body -> (request, engine spec, batch key), or ApiError 400/404 naming the field."""
     try:
-        req = SpeechRequest.model_validate_json(body or b"null")
+        req = SpeechBody.model_validate_json(body or b"null")
     except ValidationError as e:
         raise validation_error(e) from None
     if req.model not in (opts.served_model_name, *MODEL_ALIASES):
@@ -236,30 +236,23 @@ def parse_request(body: bytes, opts, voices: dict, formats: list[str]) -> tuple[
     # the engine's own rules, one field at a time, so that the error names the field
     checks = [(name, inference.SamplingParams(**{name: getattr(params, name)}).validate)
               for name in ("temperature", "top_k", "top_p")]
-    checks += [("max_new_tokens", lambda: check_budget(params.max_new_tokens, opts.max_new_tokens)),
-               ("seed", seed_check)]
+    checks.append(("seed", seed_check))
     for name, check in checks:
         try:
             check()
         except UserError as e:
             raise ApiError(400, str(e).removeprefix("--"), param=name, code="invalid_value") from None
+    if not inference.MIN_FRAMES <= params.max_new_tokens <= opts.max_new_tokens:
+        raise ApiError(400, f"max_new_tokens {params.max_new_tokens}: this server takes {inference.MIN_FRAMES} "
+                       f"(the fewest that give any audio) to {opts.max_new_tokens} (25 frames = 1 s)",
+                       param="max_new_tokens", code="invalid_value")
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     voice = None if req.voice == DEFAULT_VOICE else req.voice
     spec = {"text": req.input, "scene": inference.DEFAULT_SCENE if req.scene is None else (req.scene or None),
-            "voice": voice, "seed": seed, "params": asdict(params), "retries": opts.retries,
-            "format": fmt}
+            "voice": voice, "seed": seed, "params": asdict(params), "format": fmt}
     # one batch shares its sampling settings and budget; rows with and without a reference voice cannot mix
     key = (voice is not None, params.temperature, params.top_k, params.top_p, params.max_new_tokens)
     return req, spec, key
-
-
-def check_budget(max_new_tokens: int, ceiling: int) -> None:
-    if max_new_tokens < inference.MIN_FRAMES:
-        raise UserError(f"max_new_tokens {max_new_tokens}: at least {inference.MIN_FRAMES} frames are needed for "
-                        "any audio (25 frames = 1 s)")
-    if max_new_tokens > ceiling:
-        raise UserError(f"max_new_tokens {max_new_tokens}: this server allows at most {ceiling} "
-                        "(its --max_new_tokens)")
 
 
 # --------------------------------------------------------------------------- voices
@@ -282,9 +275,11 @@ def read_voices(voices_dir: str | None) -> dict:
                 "must be letters, digits, '_', '.', '-' (64 at most)"
             raise UserError(f"--voices_dir {folder}: voice name {name!r} {why}; rename {wav.name}")
         try:
-            sf.info(str(wav))
+            frames = sf.info(str(wav)).frames
         except Exception as e:  # soundfile raises its own error types
             raise UserError(f"--voices_dir: {wav}: cannot read audio ({str(e).splitlines()[0]})") from None
+        if frames == 0:
+            raise UserError(f"--voices_dir: {wav} holds no samples")
         transcript = None
         if wav.with_suffix(".txt").is_file():
             try:
@@ -292,10 +287,7 @@ def read_voices(voices_dir: str | None) -> dict:
             except (OSError, UnicodeDecodeError) as e:
                 raise UserError(f"--voices_dir: {wav.with_suffix('.txt')}: cannot read as UTF-8 text "
                                 f"({str(e).splitlines()[0]})") from None
-        try:
-            voices[name] = (inference.load_reference_audio(str(wav)), transcript)
-        except UserError as e:
-            raise UserError(str(e).replace("--ref_audio", "--voices_dir:", 1)) from None
+        voices[name] = (inference.load_reference_audio(str(wav)), transcript)
     if not voices:
         raise UserError(f"--voices_dir {folder}: no NAME.wav files in it")
     return voices
@@ -360,7 +352,8 @@ def engine_main(index: int, device: str, opts: dict, voices: dict, jobs, results
             engine.check_decode_memory(opts["max_batch_size"], longest, opts["max_new_tokens"],
                                        inference.SamplingParams(max_new_tokens=opts["max_new_tokens"]))
         except UserError as e:
-            raise UserError(str(e).replace("--batch_size", "--max_batch_size")) from None
+            raise UserError(f"a full batch of long requests does not fit; lower --max_batch_size "
+                            f"{opts['max_batch_size']} or --max_new_tokens {opts['max_new_tokens']} ({e})") from None
     except UserError as e:
         send("failed", f"engine on {device}: {e}")
         return
@@ -368,76 +361,50 @@ def engine_main(index: int, device: str, opts: dict, voices: dict, jobs, results
         f"{len(refs)} voices encoded")
     send("ready", {"device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", "")})
     while (batch := jobs.get()) is not None:
-        run_batch(engine, refs, batch, send)
+        run_batch(engine, refs, opts["retries"], batch, send)
 
 
-def run_batch(engine, refs: dict, specs: list[dict], send) -> None:
-    """One static batch: every row decodes with its own seed (seed, seed + 1, ... on retries), as if alone.
+def run_batch(engine, refs: dict, retries: int, specs: list[dict], send) -> None:
+    """One static batch through inference.synthesize: every row decodes with its own seed (seed + 1, ...
+    on retries), so its audio is what it would be alone. An engine error fails the batch's rows (500) and
+    leaves the process serving; its traceback goes to the log, never into an answer."""
+    import numpy as np
 
-    Unusable rows (inference.judge_attempt) are retried together with the next seeds, as the CLI does; a row's
-    best attempt goes back as soon as it is final. An engine error fails the batch's rows (500) and leaves the
-    process serving; its traceback goes to the log, never into an answer.
-    """
     t0 = time.perf_counter()
     stats = {"rows": len(specs), "frames": 0, "decode_steps": 0, "decode_s": 0.0}
-    sent = set()
+    requests = []
+    for s in specs:
+        ref_codes, ref_text = refs[s["voice"]] if s["voice"] else (None, None)
+        requests.append(inference.SpeechRequest(text=s["text"], seed=s["seed"], scene=s["scene"],
+                                                ref_codes=ref_codes, ref_text=ref_text))
     try:
-        params = inference.SamplingParams(**specs[0]["params"])
-        prompts = []
-        for s in specs:
-            ref_codes, ref_text = refs[s["voice"]] if s["voice"] else (None, None)
-            prompts.append(engine.build_prompt(s["text"], s["scene"], ref_codes, ref_text))
-        best = [None] * len(specs)
-        pending = list(range(len(specs)))
-        for attempt in range(max(s["retries"] for s in specs) + 1):
-            pending = [i for i in pending if attempt <= specs[i]["retries"]]
-            if not pending:
-                break
-            gens, timings = engine.generate([prompts[i] for i in pending], params,
-                                            [specs[i]["seed"] + attempt for i in pending])
-            stats["decode_steps"] += timings["decode_steps"]
-            stats["decode_s"] += timings["decode_s"]
-            still = []
-            for i, gen in zip(pending, gens):
-                stats["frames"] += int(gen.codes.shape[0])
-                aligned = inference.revert_delay_pattern(gen.codes)
-                audio = engine.decode_audio(aligned) if aligned.shape[0] > 0 else None
-                reason = inference.judge_attempt(specs[i]["text"], gen.codes, audio)
-                candidate = {"audio": audio, "frames": int(gen.codes.shape[0]), "seed": gen.seed,
-                             "finished": gen.finished, "outcome": reason or "ok", "attempts": attempt + 1,
-                             "prompt_tokens": int(len(prompts[i].input_ids))}
-                size = lambda c: 0 if c["audio"] is None else c["audio"].size  # noqa: E731
-                if best[i] is None or (best[i]["outcome"] != "ok" and
-                                       (reason is None or size(candidate) > size(best[i]))):
-                    best[i] = candidate
-                if reason is not None and attempt < specs[i]["retries"]:
-                    still.append(i)
-                else:
-                    finish(specs[i], best[i], len(specs), send)
-                    sent.add(i)
-            pending = still
+        results = inference.synthesize(engine, requests, inference.SamplingParams(**specs[0]["params"]), retries)
     except UserError as e:
-        fail(specs, sent, 400, str(e), send)
+        return finish_batch(specs, ("error", 400, str(e)), stats, t0, send)
     except Exception as e:  # noqa: BLE001  an engine bug fails this batch only; the traceback goes to the log
         traceback.print_exc()
         first = str(e).splitlines()[0] if str(e) else ""
-        fail(specs, sent, 500, f"engine error: {type(e).__name__}: {first}"[:300], send)
+        return finish_batch(specs, ("error", 500, f"engine error: {type(e).__name__}: {first}"[:300]), stats, t0,
+                            send)
+    for spec, result in zip(specs, results):
+        best = result.best
+        frames = int(best.generation.codes.shape[0])
+        stats["frames"] += sum(a.frames for a in result.attempts)
+        stats["decode_steps"], stats["decode_s"] = best.timings.decode_steps, best.timings.decode_s  # the batch's
+        audio = best.audio if best.audio is not None else np.zeros(0, dtype=np.float32)
+        send("audio", spec["id"], audio)
+        send("done", spec["id"], {"frames": frames, "seed": best.generation.seed, "finished": best.generation.finished,
+                                  "outcome": best.reason or "ok", "attempts": len(result.attempts),
+                                  "prompt_tokens": result.prompt_tokens, "batch_size": len(specs)})
+    finish_batch(specs, None, stats, t0, send)
+
+
+def finish_batch(specs, error, stats: dict, t0: float, send) -> None:
+    if error is not None:
+        for s in specs:
+            send(error[0], s["id"], *error[1:])
     stats["seconds"] = time.perf_counter() - t0
     send("batch_done", stats)
-
-
-def finish(spec: dict, result: dict, batch_size: int, send) -> None:
-    import numpy as np
-
-    audio = result.pop("audio")
-    send("audio", spec["id"], audio if audio is not None else np.zeros(0, dtype=np.float32))
-    send("done", spec["id"], dict(result, batch_size=batch_size))
-
-
-def fail(specs, sent, status: int, message: str, send) -> None:
-    for i, s in enumerate(specs):
-        if i not in sent:
-            send("error", s["id"], status, message)
 
 
 # --------------------------------------------------------------------------- scheduler
@@ -480,7 +447,7 @@ class Scheduler:
         threads = max(1, (os.cpu_count() or 1) // cpus) if cpus > 1 else 0  # CPU engines share the cores
         opts = {"model_path": self.opts.model_path, "tokenizer_path": self.opts.tokenizer_path,
                 "dtype": self.opts.dtype, "graph": self.opts.graph, "max_batch_size": self.opts.max_batch_size,
-                "max_new_tokens": self.opts.max_new_tokens, "threads": threads}
+                "max_new_tokens": self.opts.max_new_tokens, "retries": self.opts.retries, "threads": threads}
         for index, device in enumerate(self.devices):
             jobs = ctx.Queue()
             proc = ctx.Process(target=engine_main, args=(index, device, opts, self.voices, jobs, self.results),
@@ -695,7 +662,7 @@ def build_app(opts, devices: list[str], voices: dict, formats: list[str], on_fat
 
     @app.get("/health")
     async def health():
-        if False:
+        if scheduler.loading:
             status, code = "loading", 503
         elif not scheduler.ready:
             status, code = "down", 503

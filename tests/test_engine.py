@@ -173,7 +173,7 @@ def test_forced_frames_runs_the_whole_budget(tiny_engine):
     prompt = tiny_engine.build_prompt("Benchmarks force the length.")
     gens, timings = tiny_engine.generate([prompt], SamplingParams(max_new_tokens=8), [1], forced_frames=70)
     assert gens[0].codes.shape == (70, 8)
-    assert timings["decode_steps"] == 69
+    assert timings.decode_steps == 69
 
 
 @pytest.mark.parametrize("bad", [
@@ -200,15 +200,12 @@ def test_compiled_step_has_no_graph_break_and_same_codes(endless_engine, tempera
     engine = endless_engine
     prompt = engine.build_prompt("Compile check.")
     params = SamplingParams(max_new_tokens=8, temperature=temperature, top_k=50)
-    engine.graph, engine.compile_backend = "compile", "aot_eager"
-    try:
-        gens, timings = engine.generate([prompt], params, [3], forced_frames=200)
-    finally:
-        engine.graph, engine.compile_backend = "auto", "inductor"
-    if timings["graph"] == "off" and TORCH_VERSION < (2, 9):
+    engine = engine.with_graph_mode("compile", "aot_eager")
+    gens, timings = engine.generate([prompt], params, [3], forced_frames=200)
+    if timings.decode_mode == "off" and TORCH_VERSION < (2, 9):
         pytest.skip(f"torch {torch.__version__}: dynamo cannot compile the transformers model in one graph "
                     "(the step fell back to eager); CI runs torch 2.9.1")
-    assert timings["graph"] == "compile"
+    assert timings.decode_mode == "compile"
     codes = gens[0].codes
     assert codes.shape == (200, 8)
     assert (codes[8:] < 1024).all()  # all 200 frames carry sampled codes: nothing compared is padding
@@ -257,26 +254,26 @@ def test_decode_step_reads_nothing_back_to_the_host(tiny_engine, monkeypatch, te
 
     original_step = inference.decode_step
     monkeypatch.setattr(inference, "decode_step", watched_step)
-    tiny_engine._ctx = None  # a new decode context picks up the watched step
+    tiny_engine.reset_decode_state()  # a new decode context picks up the watched step
     try:
         prompts = [tiny_engine.build_prompt(t) for t in texts]
         tiny_engine.generate(prompts, params, [1] * len(prompts), forced_frames=24)
     finally:
-        tiny_engine._ctx = None
+        tiny_engine.reset_decode_state()
     assert len(steps) == 23
     assert watch.hits == []
 
 
 def test_graph_mode_is_off_on_cpu_and_validated(tiny_ckpt, tiny_engine):
     _, timings = tiny_engine.generate([tiny_engine.build_prompt("x")], SamplingParams(max_new_tokens=12), [1])
-    assert timings["graph"] == "off"
+    assert timings.decode_mode == "off"
     with pytest.raises(inference.UserError, match="--graph"):
         inference.load_engine(*tiny_ckpt, device="cpu", dtype="float32", graph="sometimes")
 
 
 def test_graph_on_for_cpu_says_it_decodes_eagerly(tiny_ckpt, capsys):
     engine = inference.load_engine(*tiny_ckpt, device="cpu", dtype="float32", graph="on")
-    assert not engine.graph_enabled()
+    assert engine.decode_mode() == "off"
     warnings_ = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings_) == 1 and "decoding eagerly" in warnings_[0] and "--graph compile" in warnings_[0]
 
@@ -351,7 +348,7 @@ def test_compiled_step_error_after_the_first_frame_is_raised():
 
 def test_engine_calls_no_deprecated_transformers_api(tiny_engine):
     """A rename in transformers (5.24: past_key_values -> cache) shows up here long before the old name goes."""
-    tiny_engine._ctx = None
+    tiny_engine.reset_decode_state()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         prompt = tiny_engine.build_prompt("No deprecations.")
@@ -394,9 +391,9 @@ def test_noise_prefetch_keeps_the_draws_and_draws_before_a_host_sync(monkeypatch
 def test_reused_decode_context_keeps_every_address(tiny_engine):
     """A captured graph replays on fixed addresses: the next generation must refill the same cache and buffers."""
     params = SamplingParams(max_new_tokens=30)
-    tiny_engine._ctx = None
+    tiny_engine.reset_decode_state()
     tiny_engine.generate([tiny_engine.build_prompt("First prompt.")], params, [1])
-    ctx = tiny_engine._ctx
+    ctx = tiny_engine.decode_context
 
     def addresses():
         tensors = [getattr(layer, name) for layer in ctx.cache.layers
@@ -407,7 +404,7 @@ def test_reused_decode_context_keeps_every_address(tiny_engine):
     before = addresses()
     assert len(before) == 3 * tiny_engine.config.num_hidden_layers + 12
     tiny_engine.generate([tiny_engine.build_prompt("A second, longer prompt with other words in it.")], params, [2])
-    assert tiny_engine._ctx is ctx
+    assert tiny_engine.decode_context is ctx
     assert addresses() == before
 
 

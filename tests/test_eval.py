@@ -239,14 +239,8 @@ def test_graph_fallback_fails_the_performance_gate(tiny_engine, tmp_path, capsys
     def failing_backend(graph_module, example_inputs):
         raise RuntimeError("this backend cannot compile the step")
 
-    tiny_engine._ctx = tiny_engine._compiled = None
-    tiny_engine.graph, tiny_engine.compile_backend = "compile", failing_backend
-    try:
-        rc = eval_audio.main(["--mode", "performance", "--tokens", "11", "--repeats", "1",
-                              "--output_dir", str(tmp_path)], engine=tiny_engine)
-    finally:
-        tiny_engine.graph, tiny_engine.compile_backend = "auto", "inductor"
-        tiny_engine._ctx = tiny_engine._compiled = None
+    rc = eval_audio.main(["--mode", "performance", "--tokens", "11", "--repeats", "1", "--output_dir", str(tmp_path)],
+                         engine=tiny_engine.with_graph_mode("compile", failing_backend))
     assert rc == 1
     perf = json.loads((tmp_path / "performance.json").read_text())
     assert perf["budgets"][0]["ours"]["graph"] == "off"

@@ -207,7 +207,7 @@ def test_decode_memory_estimate_is_what_a_decode_allocates(tiny_engine):
     params = inference.SamplingParams(max_new_tokens=300)
     prompt = tiny_engine.build_prompt(SHORT)
     tiny_engine.generate([prompt, prompt], params, [1, 1])
-    ctx = tiny_engine._ctx
+    ctx = tiny_engine.decode_context
     held = sum(t.nbytes for layer in ctx.cache.layers for t in (layer.keys, layer.values))
     held += sum(v.nbytes for v in vars(ctx.bufs).values() if hasattr(v, "nbytes"))
     cfg = tiny_engine.config

@@ -4,7 +4,6 @@ Each test here is listed in tests/mutation_check.py with the bug it must catch.
 """
 
 import contextlib
-import copy
 
 import numpy as np
 import pytest
@@ -65,9 +64,9 @@ def test_ras_window_holds_the_last_fed_frames(tiny_engine):
     n, w = 20, 7
     prompts = [tiny_engine.build_prompt(t) for t in ("Window check.", "A second, longer row of text.")]
     params = SamplingParams(max_new_tokens=n, ras_win_len=w)
-    tiny_engine._ctx = None
+    tiny_engine.reset_decode_state()
     gens, _ = tiny_engine.generate(prompts, params, [1, 2], forced_frames=n)
-    window = tiny_engine._ctx.bufs.window
+    window = tiny_engine.decode_context.bufs.window
     for i, gen in enumerate(gens):
         assert torch.equal(window[i].cpu(), gen.codes[n - 1 - w: n - 1]), i  # frames fed at steps n-w .. n-1
 
@@ -107,7 +106,7 @@ def test_decode_steps_feed_the_next_position_per_row(tiny_engine):
         seen.append(kwargs["position_ids"].detach().cpu().clone())
 
     n = 12
-    tiny_engine._ctx = None
+    tiny_engine.reset_decode_state()
     with forward_hook(tiny_engine.model, record, pre=True):
         tiny_engine.generate(prompts, SamplingParams(temperature=0), [1, 1], forced_frames=n)
     steps = seen[1:]  # seen[0] is the prefill
@@ -250,17 +249,16 @@ def test_graph_replayed_decode_gives_the_eager_codes(tiny_engine, monkeypatch):
     """The whole engine on the fake graph API: same codes as eager decoding, in graph mode "on"."""
     prompt = tiny_engine.build_prompt("Graph replay check.")
     params = SamplingParams(max_new_tokens=30)
-    tiny_engine._ctx = None
+    tiny_engine.reset_decode_state()
     eager, timings = tiny_engine.generate([prompt], params, [7], forced_frames=30)
-    assert timings["graph"] == "off"
+    assert timings.decode_mode == "off"
 
     fake = FakeGraphAPI()
     real_step = inference.decode_step
     monkeypatch.setattr(inference, "decode_step", lambda *a: fake.run_or_record(lambda: real_step(*a)))
     monkeypatch.setattr(inference, "graph_api", lambda device: fake.tuple)
-    engine = copy.copy(tiny_engine)  # same model; its own graph setting and decode context
-    engine._ctx = None
-    engine.graph_enabled = lambda: True
+    engine = tiny_engine.with_graph_mode("on")  # same model; its own decode context
+    engine.decode_mode = lambda: "on"  # a CPU has no graph API: the fake stands in for CUDA's
     graphed, timings = engine.generate([prompt], params, [7], forced_frames=30)
-    assert timings["graph"] == "on" and fake.captures == 1
+    assert timings.decode_mode == "on" and fake.captures == 1
     assert torch.equal(graphed[0].codes, eager[0].codes)
