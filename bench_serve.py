@@ -4,11 +4,12 @@
     python3 bench_serve.py                                   # tiny checkpoints on the CPU (built in a temp dir)
     python3 bench_serve.py --model_path ./model_cache --tokenizer_path ./tokenizer_cache --device npu:0
 
-Starts serve.py twice on the same device: with --max_batch_size 1 (every request decoded alone, in
-arrival order) and with --max_batch_size 8; sends the same requests (same texts and seeds, so the same
-audio) from N concurrent clients and prints requests/s, p50/p95 latency and time to first audio side
-by side. Requests stream raw PCM, so time to first audio is the first body byte. Not a test: it only
-measures (docs/serve.md has a table it printed).
+Starts serve.py twice on the same device (two copies of the model on it): with --max_batch_size 1
+(every request decoded alone, in arrival order) and with --max_batch_size 8. At each level both get,
+one after the other, the same requests (same texts and seeds, so the same audio) from N concurrent
+clients; prints requests/s, p50/p95 latency and time to first audio side by side. Requests stream raw
+PCM, so time to first audio is the first body byte. Not a test: it only measures (docs/serve.md has
+a table it printed).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+MODES = (("one at a time", 1), ("batching", 8))  # name, --max_batch_size
 TEXTS = [
     "The sun rises in the east and sets in the west.",
     "Hello world, this is a test of the speech server.",
@@ -118,15 +120,16 @@ def main() -> int:
             import tiny_checkpoints
 
             args.model_path, args.tokenizer_path = tiny_checkpoints.build_tiny_checkpoints(tmp)
+        servers = {name: start_server(args, batch) for name, batch in MODES}
         results = {}
-        for name, batch in (("one at a time", 1), ("batching", 8)):
-            proc, url = start_server(args, batch)
-            try:
-                for c in levels:
-                    results[name, c] = asyncio.run(run_level(url, c, args.requests, args.max_new_tokens))
-                    r = results[name, c]
+        try:
+            for c in levels:  # the two modes alternate, so a busy machine slows both alike
+                for name, _ in MODES:
+                    results[name, c] = r = asyncio.run(run_level(servers[name][1], c, args.requests,
+                                                                 args.max_new_tokens))
                     print(f"  {name:>13}, {c} clients: {r['rps']:.2f} req/s", file=sys.stderr)
-            finally:
+        finally:
+            for proc, _ in servers.values():
                 proc.send_signal(2)
                 proc.wait(timeout=60)
 

@@ -3,7 +3,7 @@
 
     python3 convert_weights.py --src ./higgs-audio-v2-generation-3B-base --dst ./model_cache
     python3 convert_weights.py --src ./higgs-audio-v2-tokenizer --dst ./tokenizer_cache
-    python3 convert_weights.py --src ORIGINAL --dst OUT --dry-run     # print the mapping only
+    python3 convert_weights.py --src ORIGINAL --dst OUT --dry_run     # print the mapping only
 
 The kind (generation model or audio tokenizer) is detected from the folder; --kind forces it.
 Tensors are streamed one at a time (read, renamed / concatenated / weight-norm folded,
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import checkpoints  # noqa: E402
 import inference  # noqa: E402  (stdlib-only at import time)
-from inference import UserError, log, run_cli  # noqa: E402
+from inference import UserError, add_flag, log, run_cli  # noqa: E402
 
 SHARD_BYTES = 2 * 1024**3  # output shard size (peak RAM does not depend on it: tensors stream)
 DELAY_TOKEN = "<|reserved_special_token_6|>"
@@ -377,7 +377,7 @@ def plan_model(src: Path, keep_text_head: bool) -> Plan:
             base, part = f"{m.group(1)}.weight", m.group(3)
         if base == "audio_decoder_proj.text_lm_head.weight":
             if not keep_text_head:
-                dropped.append((key, "text head, not needed for speech (keep it with --keep-text-head)"))
+                dropped.append((key, "text head, not needed for speech (keep it with --keep_text_head)"))
                 continue
             target = "text_lm_head.weight"
         elif base == "embed_tokens.weight":
@@ -969,19 +969,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Convert Boson's ORIGINAL Higgs Audio V2 generation model or audio tokenizer into the "
                     "transformers-native folders that inference.py loads.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=inference.HelpFormatter,
     )
-    p.add_argument("--src", required=True, help="folder with the original checkpoint (config.json + safetensors "
-                   "shards for the model; config.json + model.pth for the audio tokenizer)")
-    p.add_argument("--dst", required=True, help="output folder (created; use it as --model_path / --tokenizer_path)")
-    p.add_argument("--kind", choices=("auto", "model", "tokenizer"), default="auto",
-                   help="what --src holds; auto detects it from the files")
-    p.add_argument("--dry-run", action="store_true", help="print the key mapping and what is dropped; write nothing")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --dst")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip loading the result and running one forward before it is moved into place")
-    p.add_argument("--keep-text-head", action="store_true",
-                   help="keep the text LM head (text_lm_head.weight; not needed for speech, dropped by default)")
+    add_flag(p, "--src", required=True, help="folder with the original checkpoint (config.json + safetensors "
+             "shards for the model; config.json + model.pth for the audio tokenizer)")
+    add_flag(p, "--dst", required=True, help="output folder (created; use it as --model_path / --tokenizer_path)")
+    add_flag(p, "--kind", choices=("auto", "model", "tokenizer"), default="auto",
+             help="what --src holds; auto detects it from the files")
+    add_flag(p, "--dry_run", action="store_true", help="print the key mapping and what is dropped; write nothing")
+    add_flag(p, "--force", action="store_true", help="replace a non-empty --dst")
+    add_flag(p, "--no_verify", action="store_true",
+             help="skip loading the result and running one forward before it is moved into place")
+    add_flag(p, "--keep_text_head", action="store_true",
+             help="keep the text LM head (text_lm_head.weight; not needed for speech, dropped by default)")
     return p
 
 
@@ -1003,7 +1003,7 @@ def convert(args, log) -> int:
     if dst_busy and not args.force and not args.dry_run:
         raise UserError(f"--dst {dst} exists and is not empty; pass --force to replace it")
     if args.keep_text_head and kind != "model":
-        raise UserError("--keep-text-head applies to the generation model only")
+        raise UserError("--keep_text_head applies to the generation model only")
 
     t0 = time.perf_counter()
     log(f"Source: Boson's original {kind} at {src} ({human(sum(f.stat().st_size for f in src.iterdir() if f.is_file()))})")

@@ -58,26 +58,27 @@ Re-running resumes an interrupted download: finished files are kept (a file cut 
 mid-way starts again), and a folder that already holds a verified download is skipped.
 What hf printed (tracebacks included) goes to DIR/.cache/higgs-download/download.log.
 
-Options (each also settable by the environment variable in brackets):
-  --model-repo ID          use only this generation model repo: ID or ID/SUBFOLDER;
+Options (each also settable by the environment variable in brackets; the
+--kebab-case spellings, e.g. --model-dir, work too):
+  --model_repo ID          use only this generation model repo: ID or ID/SUBFOLDER;
                            one that fails the check is an error   [HIGGS_MODEL_REPO]
-  --model-revision REV     branch, tag or commit (default: main)  [HIGGS_MODEL_REVISION]
-                           (without --model-repo: of ${MODEL_SOURCES[0]} only)
-  --model-dir DIR          target folder          [HIGGS_MODEL_DIR] (default: ./model_cache)
-  --tokenizer-repo ID      use only this audio tokenizer repo, e.g. eustlb/higgs-audio-v2-tokenizer
+  --model_revision REV     branch, tag or commit (default: main)  [HIGGS_MODEL_REVISION]
+                           (without --model_repo: of ${MODEL_SOURCES[0]} only)
+  --model_dir DIR          target folder          [HIGGS_MODEL_DIR] (default: ./model_cache)
+  --tokenizer_repo ID      use only this audio tokenizer repo, e.g. eustlb/higgs-audio-v2-tokenizer
                            or k2-fsa/OmniVoice/audio_tokenizer (a subfolder: its files land
                            at the top of the target folder)       [HIGGS_TOKENIZER_REPO]
-  --tokenizer-revision REV branch, tag or commit (default: main)  [HIGGS_TOKENIZER_REVISION]
-                           (without --tokenizer-repo: of ${TOKENIZER_SOURCES[0]} only)
-  --tokenizer-dir DIR      target folder          [HIGGS_TOKENIZER_DIR] (default: ./tokenizer_cache)
+  --tokenizer_revision REV branch, tag or commit (default: main)  [HIGGS_TOKENIZER_REVISION]
+                           (without --tokenizer_repo: of ${TOKENIZER_SOURCES[0]} only)
+  --tokenizer_dir DIR      target folder          [HIGGS_TOKENIZER_DIR] (default: ./tokenizer_cache)
   --only model|tokenizer   fetch just one of the two                 [HIGGS_ONLY]
   --original               fetch only Boson's original-layout checkpoints at their pinned
                            revisions (model ${PINNED_MODEL_REVISION:0:12}, tokenizer ${PINNED_TOKENIZER_REVISION:0:12})
                            into the staging folder, then convert them into the target
                            folders with convert_weights.py           [HIGGS_ORIGINAL=1]
-  --staging-dir DIR        where original-layout downloads go (default: ./original_cache)
+  --staging_dir DIR        where original-layout downloads go (default: ./original_cache)
                                                                      [HIGGS_STAGING_DIR]
-  --keep-staging           keep the original-layout download after converting
+  --keep_staging           keep the original-layout download after converting
                                                                      [HIGGS_KEEP_STAGING=1]
   -h, --help               show this help
 
@@ -288,7 +289,7 @@ convert_repo() {
         echo "    kept the original download in $staging"
     else
         rm -rf "$staging"
-        echo "    removed the original download $staging (keep it with --keep-staging)"
+        echo "    removed the original download $staging (keep it with --keep_staging)"
     fi
 }
 

@@ -871,28 +871,27 @@ def render_html(summary: dict, precision: dict | None, performance: dict | None,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Precision and performance reports for the Higgs Audio V2 engine.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mode", choices=("all", "precision", "performance"), default="all")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 37, 42, 74], help="precision: one WAV per seed")
-    p.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048],
-                   help="performance: token budgets (frames), each forced to run in full; precision: max_new_tokens "
-                        "= the largest")
-    p.add_argument("--text", default=inference.DEFAULT_TEXT, help="text to speak")
-    p.add_argument("--model_path", default="./model_cache", help="generation model folder")
-    p.add_argument("--tokenizer_path", default="./tokenizer_cache", help="audio tokenizer folder")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or npu[:N]")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    p.add_argument("--output_dir", default="eval_results", help="folder for the JSON files, report.html, audio/")
-    p.add_argument("--repeats", type=int, default=3, help="performance: timed runs per budget after one warm-up")
-    p.add_argument("--graph", choices=("auto", "on", "off", "compile"), default="auto",
-                   help="decode step graph capture (auto: on for cuda/npu, off for cpu; compile: "
-                        "torch.compile(fullgraph=True) of the step)")
-    p.add_argument("--parity", choices=("auto", "on", "off"), default="auto",
-                   help="device parity vs CPU fp32 (auto: unless the run itself is CPU fp32)")
-    p.add_argument("--medium", action="store_true",
-                   help="evaluate a random-weight model with the real widths (hidden 3072, 24 heads, 8 KV heads, "
-                        "vocab 128256) and --medium_layers layers, built in a temp dir, instead of --model_path")
-    p.add_argument("--medium_layers", type=int, default=2, help="layers of the --medium model (the real one has 28)")
+                                formatter_class=inference.HelpFormatter)
+    add_flag = inference.add_flag
+    add_flag(p, "--mode", choices=("all", "precision", "performance"), default="all", help="which reports to make")
+    add_flag(p, "--text", default=inference.DEFAULT_TEXT, help="text to speak")
+    add_flag(p, "--output_dir", default="eval_results", help="folder for the JSON files, report.html, audio/")
+
+    precision = p.add_argument_group("precision")
+    add_flag(precision, "--seeds", type=int, nargs="+", default=[1, 37, 42, 74], help="one WAV per seed")
+    add_flag(precision, "--parity", choices=("auto", "on", "off"), default="auto",
+             help="device parity vs CPU fp32 (auto: unless the run itself is CPU fp32)")
+
+    performance = p.add_argument_group("performance")
+    add_flag(performance, "--tokens", type=int, nargs="+", default=[512, 1024, 2048],
+             help="token budgets (frames), each forced to run in full; precision: max_new_tokens = the largest")
+    add_flag(performance, "--repeats", type=int, default=3, help="timed runs per budget after one warm-up")
+
+    inference.add_model_flags(p.add_argument_group("model and device"))
+    add_flag(p, "--medium", action="store_true",
+             help="evaluate a random-weight model with the real widths (hidden 3072, 24 heads, 8 KV heads, "
+                  "vocab 128256) and --medium_layers layers, built in a temp dir, instead of --model_path")
+    add_flag(p, "--medium_layers", type=int, default=2, help="layers of the --medium model (the real one has 28)")
     return p
 
 

@@ -12,6 +12,7 @@ import it from here.
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import math
@@ -1448,40 +1449,52 @@ def _break_levels(text: str) -> dict[int, int]:
 def split_text(text: str, max_words: float = CHUNK_WORDS) -> list[str]:
     """Cut `text` into chunks of at most `max_words` (chunk_cost), at the best places available.
 
-    Sentences are packed greedily into chunks; a sentence too long alone is cut at clause ends, then
-    at sentence or clause ends inside quotes, then between words. The chunks are stripped substrings
-    that follow each other: joined, they give the text back (less whitespace). `max_words` 0: no cut.
+    The text is cut into sentences (line breaks, sentence ends); only a sentence too long alone is cut
+    further, at clause ends, then at sentence or clause ends inside quotes, then between words. These
+    pieces are then grouped into chunks by a small dynamic programme: the fewest weak cuts first
+    (a clause end costs 1, a quoted one 3, a word boundary 10), then the fewest chunks, then chunks of
+    even size (no "apples," left alone at the end). The chunks are stripped substrings that follow each
+    other: joined, they give the text back (less whitespace). `max_words` 0: one chunk.
     """
+    import bisect
+
     if max_words <= 0 or chunk_cost(text) <= max_words:
         return [text.strip()] if text.strip() else []
     levels = _break_levels(text)
     by_level = {level: sorted(p for p, v in levels.items() if v >= level) for level in range(_LINE + 1)}
 
-    def pack(start: int, end: int, level: int) -> list[tuple[int, int]]:
-        import bisect
-
+    def pieces(start: int, end: int, level: int):
         cuts = by_level[level]
-        inner = cuts[bisect.bisect_right(cuts, start):bisect.bisect_left(cuts, end)]
-        bounds = [start, *inner, end]
-        out, cur, cur_cost = [], None, 0.0
+        bounds = [start, *cuts[bisect.bisect_right(cuts, start):bisect.bisect_left(cuts, end)], end]
         for a, b in zip(bounds, bounds[1:]):
-            cost = chunk_cost(text[a:b])  # additive: every cut lies between words
-            if cost > max_words and level > _WORD:
-                if cur:
-                    out.append(cur)
-                cur, cur_cost = None, 0.0
-                out += pack(a, b, level - 1)
-            elif cur and cur_cost + cost <= max_words:
-                cur, cur_cost = (cur[0], b), cur_cost + cost
+            if level > _WORD and chunk_cost(text[a:b]) > max_words:
+                yield from pieces(a, b, level - 1)
             else:
-                if cur:
-                    out.append(cur)
-                cur, cur_cost = (a, b), cost
-        if cur:
-            out.append(cur)
-        return out
+                yield a, b
 
-    return [text[a:b].strip() for a, b in pack(0, len(text), _LINE) if text[a:b].strip()]
+    spans = list(pieces(0, len(text), _LINE))
+    costs = [chunk_cost(text[a:b]) for a, b in spans]  # additive: every cut lies between words
+    penalty = {_LINE: 0, _SENTENCE: 0, _CLAUSE: 1, _QUOTED: 3, _WORD: 10}
+    # best[i]: (weak-cut penalty, chunks, sum of squared chunk costs) of the best grouping of spans[:i]
+    best: list = [(0, 0, 0.0)] + [None] * len(spans)
+    back = [0] * (len(spans) + 1)
+    for i in range(1, len(spans) + 1):
+        total = 0.0
+        for j in range(i - 1, -1, -1):
+            total += costs[j]
+            if total > max_words and j < i - 1:
+                break
+            if best[j] is None:
+                continue
+            cut = penalty[levels.get(spans[j][0], _WORD)] if j else 0
+            score = (best[j][0] + cut, best[j][1] + 1, best[j][2] + total * total)
+            if best[i] is None or score < best[i]:
+                best[i], back[i] = score, j
+    groups, i = [], len(spans)
+    while i:
+        groups.append((spans[back[i]][0], spans[i - 1][1]))
+        i = back[i]
+    return [text[a:b].strip() for a, b in reversed(groups) if text[a:b].strip()]
 
 
 def chunk_seed(seed: int, k: int, retries: int = 0) -> int:
@@ -2056,10 +2069,48 @@ def report(engine: Engine, result: Synthesis, log) -> dict:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each default, except None: there the help says what happens without the flag."""
+    """--help lists each flag once (its --kebab-case alias stays hidden) with its default, except where
+    the default is None or off: there the help says what happens without the flag."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+    def _format_action_invocation(self, action):
+        opts = action.option_strings
+        shown = [o for o in opts if not (o.startswith("--") and "-" in o[2:] and "--" + o[2:].replace("-", "_") in opts)]
+        if shown != action.option_strings:
+            action = copy.copy(action)
+            action.option_strings = shown
+        return super()._format_action_invocation(action)
+
+
+def add_flag(parser, name: str, **kwargs):
+    """A --snake_case flag (the spelling every script uses); --kebab-case is accepted as a hidden alias."""
+    names = [name] + ([name.replace("_", "-")] if "_" in name.lstrip("-") else [])
+    return parser.add_argument(*names, **kwargs)
+
+
+DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def dtype_choice(value: str) -> str:
+    """--dtype: the short names (fp32, bf16, fp16) are accepted and shown as the long ones."""
+    return DTYPES.get(value, value)
+
+
+def add_model_flags(parser, dtype_help: str = "auto (bf16 on accelerators; fp32 on CPU if it fits)") -> None:
+    """The checkpoint and device flags every script that loads the engine takes."""
+    add_flag(parser, "--model_path", default="./model_cache", help="generation model folder (transformers-native)")
+    add_flag(parser, "--tokenizer_path", default="./tokenizer_cache", help="audio tokenizer folder")
+    add_flag(parser, "--device", default="auto", help="auto (npu:0 > cuda:0 > cpu), cpu, cuda[:N] or npu[:N]")
+    add_flag(parser, "--dtype", default="auto", type=dtype_choice, choices=("auto", "float32", "bfloat16", "float16"),
+             help=dtype_help)
+    add_flag(parser, "--graph", default="auto", choices=GRAPH_MODES,
+             help="capture the decode step as a CUDA/NPU graph (auto: on for cuda/npu, off for cpu); "
+                  "compile: torch.compile(fullgraph=True) of the step instead")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2067,36 +2118,45 @@ def build_parser() -> argparse.ArgumentParser:
         description="Higgs Audio V2 text-to-speech on Ascend NPU, CUDA or CPU.",
         formatter_class=HelpFormatter,
     )
+    text = p.add_argument_group("text")
     # default None, filled in by validate_args: a --text next to --text_file must be refused, not ignored
-    p.add_argument("--text", default=None, help="text to speak (English, Chinese or mixed); without --text and "
-                   f"--text_file: {DEFAULT_TEXT!r}")
-    p.add_argument("--text_file", default=None,
-                   help="UTF-8 file, one text per line: one WAV per line, output_{line}_{seed}.wav (not with --text)")
-    p.add_argument("--batch_size", type=int, default=1, help="lines of --text_file generated together")
-    p.add_argument("--max_new_tokens", type=int, default=2048, help="audio frames to generate at most (25 = 1 s)")
-    p.add_argument("--temperature", type=float, default=0.3, help="sampling temperature; 0 means greedy")
-    p.add_argument("--top_k", type=int, default=50, help="keep the k most likely codes per codebook (0 = off)")
-    p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass per codebook, in (0, 1]")
-    p.add_argument("--seed", type=int, default=1, help="random seed; retries use seed+1, seed+2, ...")
-    p.add_argument("--retries", type=int, default=3, help="extra attempts with the next seeds when unusable")
-    p.add_argument("--ras_win_len", type=int, default=7, help="repetition-aware sampling window (0 disables)")
-    p.add_argument("--ras_max_repeat", type=int, default=2,
-                   help="repeats within the window that trigger a resample (0 disables)")
-    p.add_argument("--scene", default=DEFAULT_SCENE, help="scene description ('' for none)")
-    p.add_argument("--ref_audio", default=None, help="reference voice to clone (WAV/FLAC/OGG, any rate)")
-    p.add_argument("--ref_text", default=None, help="transcript of --ref_audio")
-    p.add_argument("--output_dir", default="./output_audio", help="folder for WAV + JSON sidecar")
-    p.add_argument("--output", default=None, help="WAV file name (default output_{seed}.wav)")
-    p.add_argument("--model_path", default="./model_cache", help="generation model folder (transformers-native)")
-    p.add_argument("--tokenizer_path", default="./tokenizer_cache", help="audio tokenizer folder")
-    p.add_argument("--device", default="auto", help="auto (npu:0 > cuda:0 > cpu), cpu, cuda[:N] or npu[:N]")
-    p.add_argument("--dtype", default="auto",
-                   help="auto (bf16 on accelerators; fp32 on CPU if it fits), float32, bfloat16, float16")
-    p.add_argument("--graph", default="auto", choices=["auto", "on", "off", "compile"],
-                   help="capture the decode step as a CUDA/NPU graph (auto: on for cuda/npu, off for cpu); "
-                        "compile: torch.compile(fullgraph=True) of the step instead")
-    p.add_argument("--selftest", action="store_true",
-                   help="build tiny checkpoints in a temp dir and run the whole pipeline (no download)")
+    add_flag(text, "--text", default=None, help="text to speak (English, Chinese or mixed); without --text and "
+             f"--text_file: {DEFAULT_TEXT!r}")
+    add_flag(text, "--text_file", default=None,
+             help="UTF-8 file, one text per line: one WAV per line, output_{line}_{seed}.wav (not with --text)")
+    add_flag(text, "--batch_size", type=int, default=1, help="lines of --text_file generated together")
+
+    sampling = p.add_argument_group("sampling (Boson's defaults)")
+    add_flag(sampling, "--max_new_tokens", type=int, default=SamplingParams.max_new_tokens,
+             help="audio frames to generate at most (25 = 1 s)")
+    add_flag(sampling, "--temperature", type=float, default=SamplingParams.temperature,
+             help="sampling temperature; 0 means greedy")
+    add_flag(sampling, "--top_k", type=int, default=SamplingParams.top_k,
+             help="keep the k most likely codes per codebook (0 = off)")
+    add_flag(sampling, "--top_p", type=float, default=SamplingParams.top_p,
+             help="nucleus sampling mass per codebook, in (0, 1]")
+    add_flag(sampling, "--ras_win_len", type=int, default=SamplingParams.ras_win_len,
+             help="repetition-aware sampling window (0 disables)")
+    add_flag(sampling, "--ras_max_repeat", type=int, default=SamplingParams.ras_win_max_num_repeat,
+             help="repeats within the window that trigger a resample (0 disables)")
+    add_flag(sampling, "--seed", type=int, default=1, help="random seed; retries use seed+1, seed+2, ...")
+    add_flag(sampling, "--retries", type=int, default=3, help="extra attempts with the next seeds when unusable")
+
+    voice = p.add_argument_group("voice and scene")
+    add_flag(voice, "--scene", default=DEFAULT_SCENE, help="scene description ('' for none)")
+    add_flag(voice, "--ref_audio", default=None, help="reference voice to clone (WAV/FLAC/OGG, any rate)")
+    add_flag(voice, "--ref_text", default=None, help="transcript of --ref_audio")
+
+    output = p.add_argument_group("output")
+    add_flag(output, "--output_dir", default="./output_audio", help="folder for WAV + JSON sidecar")
+    add_flag(output, "--output", default=None, help="WAV file name (default output_{seed}.wav)")
+
+    add_model_flags(p.add_argument_group("model and device"),
+                    "auto (bf16 on accelerators; fp32 on CPU if it fits); fp32 / bf16 / fp16 work too")
+
+    checks = p.add_argument_group("checks")
+    add_flag(checks, "--selftest", action="store_true",
+             help="build tiny checkpoints in a temp dir and run the whole pipeline (no download)")
     return p
 
 

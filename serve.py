@@ -375,7 +375,7 @@ def run_batch(engine, refs: dict, retries: int, specs: list[dict], send) -> None
     requests = []
     for s in specs:
         ref_codes, ref_text = refs[s["voice"]] if s["voice"] else (None, None)
-        requests.append(inference.SpeechRequest(text=s["text"], seed=s["seed"], scene=s["scene"],
+        requests.append(inference.SpeechRequest(text=s["text"], seed=specs[0]["seed"], scene=s["scene"],
                                                 ref_codes=ref_codes, ref_text=ref_text))
     try:
         results = inference.synthesize(engine, requests, inference.SamplingParams(**specs[0]["params"]), retries)

@@ -248,7 +248,7 @@ def test_kind_mismatch_and_bad_src(tmp_path, capsys):
 def test_help_lists_every_flag():
     proc = run_cli("--help")
     assert proc.returncode == 0
-    for flag in ("--src", "--dst", "--kind", "--dry-run", "--force", "--no-verify", "--keep-text-head"):
+    for flag in ("--src", "--dst", "--kind", "--dry_run", "--force", "--no_verify", "--keep_text_head"):
         assert flag in proc.stdout
 
 

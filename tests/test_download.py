@@ -485,8 +485,8 @@ def test_filter_passes_progress_bars_and_logs_everything():
 def test_help_and_bad_flags(tmp_path):
     proc = subprocess.run(["bash", str(DOWNLOAD), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
-    for flag in ("--model-repo", "--model-revision", "--model-dir", "--tokenizer-repo", "--tokenizer-revision",
-                 "--tokenizer-dir", "--original", "--staging-dir", "--keep-staging", "--only", "HF_ENDPOINT",
+    for flag in ("--model_repo", "--model_revision", "--model_dir", "--tokenizer_repo", "--tokenizer_revision",
+                 "--tokenizer_dir", "--original", "--staging_dir", "--keep_staging", "--only", "HF_ENDPOINT",
                  "HF_TOKEN", PINNED_MODEL[:12], PINNED_TOKENIZER[:12], EUSTLB_TOKENIZER,
                  f"{OMNIVOICE}/audio_tokenizer", "download.log"):
         assert flag in proc.stdout, flag

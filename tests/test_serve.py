@@ -415,21 +415,23 @@ def test_client_killed_mid_stream_leaves_the_server_serving(server):
 
 
 def test_alone_or_in_a_full_batch_the_same_samples(small):
-    request = {"input": "Batch mates must not matter.", "seed": 42}
-    alone = small.speech(**request)
-    assert alone.headers["x-higgs-batch-size"] == "1"
-    holder = small.hold("batch")
-    mates = [request, {"input": "Another text, longer than the first one by far.", "seed": 7},
+    mates = [{"input": "Batch mates must not matter.", "seed": 42},
+             {"input": "Another text, longer than the first one by far.", "seed": 7},
              {"input": "短い。", "seed": 42}, {"input": "Third mate.", "seed": 43}]
+    alone = [small.speech(**m) for m in mates]
+    assert [a.headers["x-higgs-batch-size"] for a in alone] == ["1"] * 4
+    holder = small.hold("batch")
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(small.speech, **m) for m in mates]
         wait_until(lambda: small.metric("higgs_queue_depth") == 4)
         small.release("batch")
-        answers = [f.result() for f in futures]
+        together = [f.result() for f in futures]
     holder[0].join()
-    assert [a.headers["x-higgs-batch-size"] for a in answers] == ["4"] * 4  # one full batch
-    assert np.array_equal(samples(answers[0]), samples(alone))
-    assert answers[0].headers["x-higgs-frames"] == alone.headers["x-higgs-frames"]
+    assert [a.headers["x-higgs-batch-size"] for a in together] == ["4"] * 4  # one full batch
+    for a, b in zip(alone, together):
+        assert a.headers["x-higgs-frames"] == b.headers["x-higgs-frames"]
+        assert np.array_equal(samples(a), samples(b))
+    assert len({a.content for a in alone}) == 4  # four different answers: a mix-up would show
 
 
 def test_full_queue_answers_429(small):
