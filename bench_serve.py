@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
-"""Benchmark serve.py: one request at a time vs the batching server, at 1, 4 and 8 concurrent clients.
+"""Benchmark serve.py: one request at a time vs the batching server vs streaming, at 1, 4 and 8 clients.
 
     python3 bench_serve.py                                   # tiny checkpoints on the CPU (built in a temp dir)
     python3 bench_serve.py --model_path ./model_cache --tokenizer_path ./tokenizer_cache --device npu:0
 
-Starts serve.py twice on the same device (two copies of the model on it): with --max_batch_size 1
-(every request decoded alone, in arrival order) and with --max_batch_size 8. At each level both get,
-one after the other, the same requests (same texts and seeds, so the same audio) from N concurrent
-clients; prints requests/s, p50/p95 latency and time to first audio side by side. Requests stream raw
-PCM, so time to first audio is the first body byte. Not a test: it only measures (docs/serve.md has
-a table it printed).
+Starts serve.py twice on the same device (two copies of the model on it): with --max_batch_size 1 and
+with --max_batch_size 8. Every level sends the same requests (same texts and seeds, so the same audio)
+from N concurrent clients, in three modes one after the other:
+
+- one at a time: whole answers from the --max_batch_size 1 server (each request decoded alone, in order);
+- batching: whole answers from the --max_batch_size 8 server;
+- streaming: stream_format audio (raw PCM as it is generated) from the batching server; a streamed
+  request is decoded alone, chunk by chunk (inference.speak), so it never shares a batch.
+
+It prints requests/s, p50/p95 latency and p50/p95 time to first audio (the first body byte; for a whole
+answer that is when all of it is ready). Not a test: it only measures (docs/serve.md has a table).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-MODES = (("one at a time", 1), ("batching", 8))  # name, --max_batch_size
+MODES = (("one at a time", 1, False), ("batching", 8, False), ("streaming", 8, True))  # name, batch, stream
 TEXTS = [
     "The sun rises in the east and sets in the west.",
     "Hello world, this is a test of the speech server.",
@@ -40,7 +45,11 @@ def start_server(args, batch: int):
     cmd = [sys.executable, str(ROOT / "serve.py"), "--model_path", str(args.model_path), "--tokenizer_path",
            str(args.tokenizer_path), "--device", args.device, "--port", "0", "--max_batch_size", str(batch),
            "--max_new_tokens", str(args.max_new_tokens), "--retries", "0", "--max_queue", "1000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    if args.device.startswith("cpu") and "OMP_NUM_THREADS" not in env:
+        # the two servers share the cores; more OpenMP threads than cores makes every decode step crawl
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // 2))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     urls = queue.Queue()
 
     def read():
@@ -62,7 +71,7 @@ def start_server(args, batch: int):
     return proc, url
 
 
-async def run_level(url: str, clients: int, requests: int, max_new_tokens: int) -> dict:
+async def run_level(url: str, clients: int, requests: int, max_new_tokens: int, stream: bool) -> dict:
     """`requests` requests from `clients` concurrent clients -> req/s, latency and TTFA lists."""
     import httpx
 
@@ -73,7 +82,9 @@ async def run_level(url: str, clients: int, requests: int, max_new_tokens: int) 
         while jobs:
             i = jobs.pop(0)
             body = {"input": TEXTS[i % len(TEXTS)], "seed": i, "max_new_tokens": max_new_tokens,
-                    "stream_format": "audio", "response_format": "pcm"}
+                    "response_format": "pcm"}
+            if stream:
+                body["stream_format"] = "audio"
             t0 = time.perf_counter()
             first = None
             async with http.stream("POST", "/v1/audio/speech", json=body) as r:
@@ -87,19 +98,17 @@ async def run_level(url: str, clients: int, requests: int, max_new_tokens: int) 
 
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        await client_warmup(http, max_new_tokens)
+        # first calls pay one-off costs (allocations, graph capture on NPU/CUDA): not part of the numbers
+        await http.post("/v1/audio/speech", json={"input": TEXTS[0], "seed": 0, "max_new_tokens": max_new_tokens,
+                                                  **({"stream_format": "audio", "response_format": "pcm"}
+                                                     if stream else {})})
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         wall = time.perf_counter() - t0
     return {"rps": requests / wall, "latency": latency, "ttfa": ttfa}
 
 
-async def client_warmup(http, max_new_tokens: int) -> None:
-    # first calls pay one-off costs (allocations, graph capture on NPU/CUDA): not part of the numbers
-    await http.post("/v1/audio/speech", json={"input": TEXTS[0], "seed": 0, "max_new_tokens": max_new_tokens})
-
-
-def pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
@@ -109,7 +118,7 @@ def main() -> int:
     p.add_argument("--tokenizer_path", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--clients", default="1,4,8", help="concurrency levels")
-    p.add_argument("--requests", type=int, default=16, help="requests per level")
+    p.add_argument("--requests", type=int, default=16, help="requests per level and mode")
     p.add_argument("--max_new_tokens", type=int, default=64, help="audio frames per request at most")
     args = p.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -120,33 +129,28 @@ def main() -> int:
             import tiny_checkpoints
 
             args.model_path, args.tokenizer_path = tiny_checkpoints.build_tiny_checkpoints(tmp)
-        servers = {name: start_server(args, batch) for name, batch in MODES}
+        servers = {batch: start_server(args, batch) for batch in sorted({b for _, b, _ in MODES})}
         results = {}
         try:
-            for c in levels:  # the two modes alternate, so a busy machine slows both alike
-                for name, _ in MODES:
-                    results[name, c] = r = asyncio.run(run_level(servers[name][1], c, args.requests,
-                                                                 args.max_new_tokens))
+            for c in levels:  # the modes alternate, so a busy machine slows them alike
+                for name, batch, stream in MODES:
+                    results[name, c] = r = asyncio.run(run_level(servers[batch][1], c, args.requests,
+                                                                 args.max_new_tokens, stream))
                     print(f"  {name:>13}, {c} clients: {r['rps']:.2f} req/s", file=sys.stderr)
         finally:
             for proc, _ in servers.values():
                 proc.send_signal(2)
                 proc.wait(timeout=60)
 
-    print(f"\n{args.requests} requests per level, max_new_tokens {args.max_new_tokens}, device {args.device}, "
-          f"{os.cpu_count()} CPU cores; latency and time to first audio (TTFA) in seconds\n")
-    head = ("| clients | one at a time: req/s | p50 | p95 | TTFA p50 | batching (≤ 8): req/s | p50 | p95 | TTFA p50 "
-            "| speed-up |")
-    print(head)
-    print("|" + "---:|" * 10)
+    print(f"\n{args.requests} requests per level and mode, max_new_tokens {args.max_new_tokens}, device "
+          f"{args.device}, {os.cpu_count()} CPU cores; latency and time to first audio (TTFA) in seconds\n")
+    print("| clients | mode | req/s | latency p50 | latency p95 | TTFA p50 | TTFA p95 |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for c in levels:
-        row = [str(c)]
-        for name in ("one at a time", "batching"):
+        for name, _, _ in MODES:
             r = results[name, c]
-            row += [f"{r['rps']:.2f}", f"{pct(r['latency'], 50):.2f}", f"{pct(r['latency'], 95):.2f}",
-                    f"{pct(r['ttfa'], 50):.2f}"]
-        row.append(f"{results['batching', c]['rps'] / results['one at a time', c]['rps']:.2f}x")
-        print("| " + " | ".join(row) + " |")
+            print(f"| {c} | {name} | {r['rps']:.2f} | {pct(r['latency'], 50):.2f} | {pct(r['latency'], 95):.2f} "
+                  f"| {pct(r['ttfa'], 50):.2f} | {pct(r['ttfa'], 95):.2f} |")
     return 0
 
 

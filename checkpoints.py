@@ -34,7 +34,14 @@ KINDS = {
               "model.layers.* / audio_lm_head.*"),
     "tokenizer": ("higgs_audio_v2_tokenizer", "HiggsAudioV2TokenizerConfig", "HiggsAudioV2TokenizerModel",
                   "audio tokenizer", "acoustic_encoder.* / quantizer.* / semantic_model.*"),
+    # the evaluation models of quality.py (bash download.sh --eval_models)
+    "whisper": ("whisper", "WhisperConfig", "WhisperForConditionalGeneration", "Whisper speech recognition model",
+                "model.encoder.* / model.decoder.*"),
+    "wavlm-sv": ("wavlm", "WavLMConfig", "WavLMForXVector", "WavLM speaker-verification model",
+                 "wavlm.* / tdnn.* / feature_extractor.*"),
 }
+HIGGS_KINDS = ("model", "tokenizer")
+PICKLE_KINDS = ("wavlm-sv",)  # microsoft/wavlm-base-plus-sv ships only pytorch_model.bin
 
 
 # --------------------------------------------------------------------------- JSON and headers
@@ -110,12 +117,34 @@ def read_header(path: Path) -> dict[str, dict]:
     return parse_header(raw, str(path), data_bytes=size - 8 - n)
 
 
-def folder_tensors(folder: Path) -> dict[str, list[int]]:
-    """{tensor name: shape} of a folder's model.safetensors, or of the shards its index lists."""
+def pickle_tensors(path: Path) -> dict[str, list[int]]:
+    """{tensor name: shape} of a PyTorch pytorch_model.bin, read with torch.load(weights_only=True):
+    plain tensors only, no code runs; memory-mapped, so nothing is read beyond what the shapes need."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+        detail = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a readable PyTorch state dict ({detail}); re-download it") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise UserError(f"{path}: holds no state dict of tensors (re-download it)")
+    return {name: list(t.shape) for name, t in state.items()}
+
+
+def folder_tensors(folder: Path, pickle_ok: bool = False) -> dict[str, list[int]]:
+    """{tensor name: shape} of a folder's model.safetensors, or of the shards its index lists
+    (with `pickle_ok`, of its pytorch_model.bin when it has no safetensors)."""
     folder = Path(folder)
     index_path = folder / "model.safetensors.index.json"
     if not index_path.exists():
         single = folder / "model.safetensors"
+        if not single.is_file() and pickle_ok and (folder / "pytorch_model.bin").is_file():
+            return pickle_tensors(folder / "pytorch_model.bin")
         if not single.is_file():
             raise UserError(f"{folder} has no model.safetensors(.index.json) (re-run: bash download.sh)")
         return {name: e["shape"] for name, e in read_header(single).items()}
@@ -157,7 +186,7 @@ def _meta_model(kind: str, config: dict, where: str):
     model_type, config_cls, model_cls, what, _ = KINDS[kind]
     if config.get("model_type") != model_type:
         raise UserError(f"{where}: model_type {config.get('model_type')!r}, expected {model_type!r} "
-                        f"(this is not a Higgs Audio V2 {what})")
+                        f"(this is not a {'Higgs Audio V2 ' if kind in HIGGS_KINDS else ''}{what})")
     try:
         from huggingface_hub.errors import StrictDataclassError  # transformers 5.2x validates config fields
     except ImportError:
@@ -252,7 +281,7 @@ def check_tensors(kind: str, where: str, found: dict[str, list[int]], expected) 
         raise UserError(
             f"{where} holds {describe(found)}, not the {what}'s {KINDS[kind][4]}: "
             f"{matched} of {len(shapes)} expected tensors match (missing e.g. {_examples(missing)}); "
-            "see docs/download.md for sources that hold it"
+            f"see docs/{'download' if kind in HIGGS_KINDS else 'quality'}.md for sources that hold it"
         )
     parts = []
     if missing:
@@ -273,7 +302,9 @@ def verify_folder(kind: str, folder: Path, config: dict | None = None) -> Expect
     expected = Expected(kind, config, f"{folder}/config.json")
     index = folder / "model.safetensors.index.json"
     where = f"the shards in {folder}" if index.exists() else str(folder / "model.safetensors")
-    check_tensors(kind, where, folder_tensors(folder), expected)
+    if kind in PICKLE_KINDS and not index.exists() and not (folder / "model.safetensors").exists():
+        where = str(folder / "pytorch_model.bin")
+    check_tensors(kind, where, folder_tensors(folder, pickle_ok=kind in PICKLE_KINDS), expected)
     return expected
 
 

@@ -26,7 +26,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -209,6 +211,47 @@ class Plan:
             log(f"  {key}: {reason}")
 
 
+# Transformations a rename-table row names (the generation model's frozen + trainable pairs are
+# concatenated wherever they occur, so no row names that).
+COPY = "copy"  # the tensor as it is
+FOLD = "weight-norm fold"  # a g + v pair -> the plain weight g * v / ||v||; the module's other tensors copied
+PAIR = "weight-norm pair"  # a g or v half, copied as the native parametrization's original0 / original1
+UNFOLD = "weight-norm unfold"  # a plain weight -> the native (g over dim 2, v) pair
+
+
+class Rule(NamedTuple):
+    """One row of a rename table: the source keys `source` matches become `target`, made by `how`.
+
+    target: a str.format template ({key}; {rest}: the key after the match; the pattern's named groups),
+    a function (of the key; for FOLD, of the module path after the match), {half: name} for PAIR,
+    or None: the key is dropped and `how` says why.
+    """
+
+    source: str | re.Pattern  # an exact key, or a pattern matched from the key's start
+    target: object
+    how: str  # COPY, FOLD, PAIR, UNFOLD; for a dropped key, the reason
+
+
+def drop(source, reason: str) -> Rule:
+    return Rule(source, None, reason)
+
+
+def first_rule(rules, key: str, half: str | None = None):
+    """(rule, match) of the first row whose source matches key, or (None, None); a PAIR row takes
+    weight-norm halves only."""
+    for rule in rules:
+        if rule.how == PAIR and not half:
+            continue
+        m = re.fullmatch(re.escape(rule.source), key) if isinstance(rule.source, str) else rule.source.match(key)
+        if m:
+            return rule, m
+    return None, None
+
+
+def renamed(template: str, key: str, m: re.Match) -> str:
+    return template.format(key=key, rest=key[m.end():], **m.groupdict())
+
+
 def check_targets(plan_targets: list[Target], expected: dict, allowed_extra=()) -> None:
     """Every tensor the native model holds is filled, with the shape its config gives."""
     names = {t.name for t in plan_targets}
@@ -233,12 +276,22 @@ def expected_shapes(model_cls, config, **kwargs) -> dict:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
+def in_native_order(targets: list[Target], order) -> list[Target]:
+    """Sorted the way the native model lists its tensors; any it does not list go last."""
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(targets, key=lambda t: rank.get(t.name, len(rank)))
+
+
 def unknown_error(keys: list[str], what: str) -> UserError:
     shown = ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")
     return UserError(f"unknown tensor name(s) in the {what}: {shown}; nothing was written")
 
 
-# --------------------------------------------------------------------------- generation model
+def dtype_name(tensor) -> str:
+    return str(tensor.dtype).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------- generation model: rules
 
 
 LAYER_RE = re.compile(
@@ -246,7 +299,49 @@ LAYER_RE = re.compile(
     r"\.(?:weight|bias)|(?:input_layernorm|post_attention_layernorm|audio_input_layernorm"
     r"|audio_post_attention_layernorm)\.weight)$"
 )
+# A PartiallyFrozen fine-tune stores X.weight as X.{embedding|linear}_frozen.weight + ..._trainable.weight:
+# the pair counts as X.weight below and is concatenated on dim 0.
 SPLIT_RE = re.compile(r"^(.*)\.(embedding|linear)_(frozen|trainable)\.weight$")
+# What the native model cannot express: refused before anything is planned (what, pattern searched in the key).
+MODEL_REFUSED = (
+    ("audio tower with weights (audio understanding; not expressible)", re.compile(r"^(audio_tower|audio_encoder_proj)\.")),
+    ("audio self-attention", re.compile(r"\.audio_attn\.|audio_post_audio_attn")),
+    ("audio embedding projector", re.compile(r"^audio_out_embed_projector\.")),
+    ("audio-head transformer layers / RQ-transformer", re.compile(r"^audio_decoder_proj\.(?!audio_lm_head|text_lm_head)")),
+)
+# Boson config.json switches the native model cannot express: (field, refused when set (else when unset), error)
+MODEL_CONFIG_REFUSED = (
+    ("use_audio_out_self_attention", True,
+     "use_audio_out_self_attention is on: the native model has no audio self-attention"),
+    ("use_rq_transformer", True, "use_rq_transformer is on: the native model has no RQ-transformer head"),
+    ("use_delay_pattern", False,
+     "use_delay_pattern is off: the native model and inference.py decode with the delay pattern only"),
+    ("audio_decoder_proj_num_layers", True,
+     "audio_decoder_proj_num_layers > 0: the native model has no transformer layers in its audio head"),
+    ("use_audio_out_embed_projector", True,
+     "use_audio_out_embed_projector is on: the native model has no audio embedding projector"),
+    ("audio_embed_avg", True, "audio_embed_avg is on: the native model sums the codebook embeddings"),
+)
+TEXT_HEAD = "audio_decoder_proj.text_lm_head.weight"
+
+
+def model_rules(keep_text_head: bool) -> tuple[Rule, ...]:
+    """Every source key of the generation model (a frozen / trainable half as its X.weight): first match decides."""
+    text_head = (Rule(TEXT_HEAD, "text_lm_head.weight", COPY) if keep_text_head
+                 else drop(TEXT_HEAD, "text head, not needed for speech (keep it with --keep_text_head)"))
+    return (
+        drop(re.compile(r".*rotary_emb\.inv_freq\Z", re.S), "rotary buffer, recomputed from the config"),
+        drop("audio_codebook_weights", "unused codebook loss weights"),
+        text_head,
+        Rule("embed_tokens.weight", "model.embed_tokens.weight", COPY),
+        Rule("norm.weight", "model.norm.weight", COPY),
+        Rule("audio_codebook_embeddings.weight", "model.embed_audio_tokens.embed_audio_tokens.weight", COPY),
+        Rule("audio_decoder_proj.audio_lm_head.weight", "audio_lm_head.weight", COPY),
+        Rule(LAYER_RE, "model.{key}", COPY),  # attention, text MLP, audio MLP (dual FFN), their norms
+    )
+
+
+# --------------------------------------------------------------------------- generation model
 
 
 def read_index(src: Path) -> dict[str, SafetensorsFile]:
@@ -308,18 +403,9 @@ def refuse_model_config(cfg: dict, num_layers: int) -> list[str]:
             f"(not {uncovered[:6]}{' ...' if len(uncovered) > 6 else ''}): fast-forward layers cannot be expressed "
             "by the native model (they would load with missing weights and give wrong audio)"
         )
-    if cfg.get("use_audio_out_self_attention"):
-        raise UserError("use_audio_out_self_attention is on: the native model has no audio self-attention")
-    if cfg.get("use_rq_transformer"):
-        raise UserError("use_rq_transformer is on: the native model has no RQ-transformer head")
-    if not cfg.get("use_delay_pattern"):
-        raise UserError("use_delay_pattern is off: the native model and inference.py decode with the delay pattern only")
-    if cfg.get("audio_decoder_proj_num_layers", 0):
-        raise UserError("audio_decoder_proj_num_layers > 0: the native model has no transformer layers in its audio head")
-    if cfg.get("use_audio_out_embed_projector"):
-        raise UserError("use_audio_out_embed_projector is on: the native model has no audio embedding projector")
-    if cfg.get("audio_embed_avg"):
-        raise UserError("audio_embed_avg is on: the native model sums the codebook embeddings")
+    for name, refused_when_set, why in MODEL_CONFIG_REFUSED:
+        if bool(cfg.get(name)) == refused_when_set:
+            raise UserError(f"{why}; this checkpoint cannot be converted")
     notes = []
     if not cfg.get("skip_audio_tower", False):
         notes.append("config has skip_audio_tower false but the checkpoint holds no audio-tower weights: "
@@ -338,61 +424,28 @@ def rope_parameters(text: dict) -> dict:
     return params
 
 
-def plan_model(src: Path, keep_text_head: bool) -> Plan:
-    cfg = inference.read_json(src / "config.json")
-    text = cfg.get("text_config") or {}
-    if not text:
-        raise UserError(f"{src}/config.json has no text_config")
-    num_layers = int(text["num_hidden_layers"])
-    notes = refuse_model_config(cfg, num_layers)
-
-    shards = read_index(src)
-    keys = sorted(shards)
-    source_bytes = sum(f.path.stat().st_size for f in {id(f): f for f in shards.values()}.values())
-
-    # unknown or inexpressible keys first: nothing is planned before every key is accounted for
-    refused = {
-        "audio tower with weights (audio understanding; not expressible)": [k for k in keys if k.startswith(("audio_tower.", "audio_encoder_proj."))],
-        "audio self-attention": [k for k in keys if ".audio_attn." in k or "audio_post_audio_attn" in k],
-        "audio embedding projector": [k for k in keys if k.startswith("audio_out_embed_projector.")],
-        "audio-head transformer layers / RQ-transformer": [k for k in keys if k.startswith("audio_decoder_proj.") and not k.startswith(("audio_decoder_proj.audio_lm_head", "audio_decoder_proj.text_lm_head"))],
-    }
-    for what, found in refused.items():
+def classify_model_keys(keys: list[str], keep_text_head: bool) -> tuple[dict, list]:
+    """Source keys -> ({native name: {"whole" | "frozen" | "trainable": source key}}, dropped); refuses
+    what the native model cannot express and names every key no rule knows, before anything is planned."""
+    for what, pattern in MODEL_REFUSED:
+        found = [k for k in keys if pattern.search(k)]
         if found:
             raise UserError(f"the checkpoint has {what}: {', '.join(found[:4])}{' ...' if len(found) > 4 else ''}; "
                             "the native model cannot express it")
-
-    groups: dict[str, dict[str, str]] = {}  # target -> {"whole"|"frozen"|"trainable": source key}
+    rules = model_rules(keep_text_head)
+    groups: dict[str, dict[str, str]] = {}
     dropped, unknown = [], []
     for key in keys:
-        if key.endswith("rotary_emb.inv_freq"):
-            dropped.append((key, "rotary buffer, recomputed from the config"))
-            continue
-        if key == "audio_codebook_weights":
-            dropped.append((key, "unused codebook loss weights"))
-            continue
-        base, part = key, "whole"
-        m = SPLIT_RE.match(key)
-        if m:
-            base, part = f"{m.group(1)}.weight", m.group(3)
-        if base == "audio_decoder_proj.text_lm_head.weight":
-            if not keep_text_head:
-                dropped.append((key, "text head, not needed for speech (keep it with --keep_text_head)"))
-                continue
-            target = "text_lm_head.weight"
-        elif base == "embed_tokens.weight":
-            target = "model.embed_tokens.weight"
-        elif base == "norm.weight":
-            target = "model.norm.weight"
-        elif base == "audio_codebook_embeddings.weight":
-            target = "model.embed_audio_tokens.embed_audio_tokens.weight"
-        elif base == "audio_decoder_proj.audio_lm_head.weight":
-            target = "audio_lm_head.weight"
-        elif LAYER_RE.match(base):
-            target = f"model.{base}"
-        else:
+        split = SPLIT_RE.match(key)
+        base, part = (f"{split.group(1)}.weight", split.group(3)) if split else (key, "whole")
+        rule, m = first_rule(rules, base)
+        if rule is None:
             unknown.append(key)
             continue
+        if rule.target is None:
+            dropped.append((key, rule.how))
+            continue
+        target = renamed(rule.target, base, m)
         if part in groups.setdefault(target, {}):
             raise UserError(f"two source tensors map to {target}: {groups[target][part]} and {key}")
         groups[target][part] = key
@@ -401,11 +454,17 @@ def plan_model(src: Path, keep_text_head: bool) -> Plan:
     for target, parts in groups.items():
         if "whole" in parts and len(parts) > 1 or "whole" not in parts and set(parts) != {"frozen", "trainable"}:
             raise UserError(f"{target}: expected one tensor or a frozen + trainable pair, got {sorted(parts.values())}")
+    return groups, dropped
 
-    # the native config
-    from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
 
+def native_model_config(src: Path, cfg: dict, text: dict, groups: dict, shards: dict):
+    """(HiggsAudioV2Config, notes) from Boson's config.json, its tokenizer.json and the embedding tensor."""
+    from transformers import HiggsAudioV2Config
+
+    notes = []
     tok_ids = tokenizer_special_ids(src)
+    if "model.embed_tokens.weight" not in groups:
+        raise UserError(f"{src} has no embed_tokens.weight: not a Higgs Audio generation model checkpoint")
     emb_key = groups["model.embed_tokens.weight"]
     vocab = sum(shards[k].shape(k)[0] for k in emb_key.values())
     hidden = int(text["hidden_size"])
@@ -428,7 +487,7 @@ def plan_model(src: Path, keep_text_head: bool) -> Plan:
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=int(text["intermediate_size"]),
-        num_hidden_layers=num_layers,
+        num_hidden_layers=int(text["num_hidden_layers"]),
         num_attention_heads=heads,
         num_key_value_heads=int(text.get("num_key_value_heads") or heads),
         head_dim=head_dim,
@@ -452,39 +511,52 @@ def plan_model(src: Path, keep_text_head: bool) -> Plan:
     )
     config.architectures = ["HiggsAudioV2ForConditionalGeneration"]
     config.dtype = dtype
+    return config, notes
 
-    targets = []
-    for target, parts in groups.items():
-        if "whole" in parts:
-            k = parts["whole"]
-            f = shards[k]
-            targets.append(Target(target, f.dtype(k), f.shape(k), [k], "copy", (lambda f=f, k=k: f.read(k)),
-                                  (lambda f=f, k=k: f.iter_bytes(k))))
-        else:
-            a, b = parts["frozen"], parts["trainable"]
-            fa, fb = shards[a], shards[b]
-            if fa.dtype(a) != fb.dtype(b) or fa.shape(a)[1:] != fb.shape(b)[1:]:
-                raise UserError(f"{a} and {b} cannot be concatenated: {fa.shape(a)} {fa.dtype(a)} vs {fb.shape(b)} {fb.dtype(b)}")
-            shape = [fa.shape(a)[0] + fb.shape(b)[0], *fa.shape(a)[1:]]
 
-            def concat(fa=fa, fb=fb, a=a, b=b):
-                import torch
+def streamed_copy(name: str, f: SafetensorsFile, key: str) -> Target:
+    return Target(name, f.dtype(key), f.shape(key), [key], "copy", lambda: f.read(key), lambda: f.iter_bytes(key))
 
-                return torch.cat([fa.read(a), fb.read(b)], dim=0)
 
-            def concat_bytes(fa=fa, fb=fb, a=a, b=b):  # dim-0 concat of row-major tensors = bytes appended
-                yield from fa.iter_bytes(a)
-                yield from fb.iter_bytes(b)
+def streamed_concat(name: str, fa: SafetensorsFile, a: str, fb: SafetensorsFile, b: str) -> Target:
+    """A frozen + trainable pair joined on dim 0: for row-major tensors, the bytes of b appended to a's."""
+    if fa.dtype(a) != fb.dtype(b) or fa.shape(a)[1:] != fb.shape(b)[1:]:
+        raise UserError(f"{a} and {b} cannot be concatenated: {fa.shape(a)} {fa.dtype(a)} vs {fb.shape(b)} {fb.dtype(b)}")
 
-            targets.append(Target(target, fa.dtype(a), shape, [a, b], "concat frozen + trainable (dim 0)", concat,
-                                  concat_bytes))
-    order = list(expected_shapes(HiggsAudioV2ForConditionalGeneration, config))
-    rank = {name: i for i, name in enumerate(order)}
-    targets.sort(key=lambda t: rank.get(t.name, len(rank)))
-    expected = expected_shapes(HiggsAudioV2ForConditionalGeneration, config, use_text_head=keep_text_head)
-    check_targets(targets, expected)
+    def concat():
+        import torch
+
+        return torch.cat([fa.read(a), fb.read(b)], dim=0)
+
+    def concat_bytes():
+        yield from fa.iter_bytes(a)
+        yield from fb.iter_bytes(b)
+
+    return Target(name, fa.dtype(a), [fa.shape(a)[0] + fb.shape(b)[0], *fa.shape(a)[1:]], [a, b],
+                  "concat frozen + trainable (dim 0)", concat, concat_bytes)
+
+
+def plan_model(src: Path, keep_text_head: bool) -> Plan:
+    from transformers import HiggsAudioV2ForConditionalGeneration
+
+    cfg = inference.read_json(src / "config.json")
+    text = cfg.get("text_config") or {}
+    if not text:
+        raise UserError(f"{src}/config.json has no text_config")
+    notes = refuse_model_config(cfg, int(text["num_hidden_layers"]))
+    shards = read_index(src)
+    source_bytes = sum(f.path.stat().st_size for f in {id(f): f for f in shards.values()}.values())
+    groups, dropped = classify_model_keys(sorted(shards), keep_text_head)
+    config, config_notes = native_model_config(src, cfg, text, groups, shards)
+    targets = [streamed_copy(name, shards[parts["whole"]], parts["whole"]) if "whole" in parts
+               else streamed_concat(name, shards[parts["frozen"]], parts["frozen"],
+                                    shards[parts["trainable"]], parts["trainable"])
+               for name, parts in groups.items()]
+    # ordered as the model without the optional text head lists its tensors: the text head goes last
+    targets = in_native_order(targets, expected_shapes(HiggsAudioV2ForConditionalGeneration, config))
+    check_targets(targets, expected_shapes(HiggsAudioV2ForConditionalGeneration, config, use_text_head=keep_text_head))
     extra = {name: src / name for name in TOKENIZER_FILES if (src / name).is_file()}
-    return Plan("model", config, targets, dropped, notes, source_bytes, extra)
+    return Plan("model", config, targets, dropped, notes + config_notes, source_bytes, extra)
 
 
 def write_model_folder(plan: Plan, out: Path, log) -> None:
@@ -535,10 +607,81 @@ def verify_model(path: Path, log) -> None:
     log(f"  verified: strict load, chat prompt of {ids.shape[1]} tokens, forward -> logits {tuple(logits.shape)} finite")
 
 
-# --------------------------------------------------------------------------- audio tokenizer
+# --------------------------------------------------------------------------- audio tokenizer: rules
 
 
 ORIGINAL_TOKENIZER_KEYS = ("n_q", "ratios", "D")
+POS_CONV = "semantic_model.encoder.pos_conv_embed.conv"  # HuBERT's positional conv: weight norm over dim 2
+WEIGHT_NORM_RE = re.compile(
+    r"^(.*)\.(weight_g|weight_v|parametrizations\.weight\.original0|parametrizations\.weight\.original1)$")
+WEIGHT_NORM_HALF = {"weight_g": "g", "parametrizations.weight.original0": "g",
+                    "weight_v": "v", "parametrizations.weight.original1": "v"}
+
+
+def tokenizer_rules(nb: int) -> tuple[Rule, ...]:
+    """Every model.pth key of a codec with nb encoder / decoder blocks: the first row that matches decides.
+    A FOLD row's target names the key's module from what follows the match (Boson's DAC Sequential
+    indices), or None: unknown; a PAIR row's target is {half: native name}."""
+    return (
+        drop(re.compile(r"^quantizer\.vq\.layers\.\d+\._codebook\.(inited|cluster_size|embed_avg)$"),
+             "RVQ training buffer (the native buffer gets its inference default)"),
+        drop("semantic_model.masked_spec_embed", "HuBERT training-only mask embedding"),
+        Rule(re.compile(r"encoder\.block\."), partial(acoustic_module, "acoustic_encoder", nb), FOLD),
+        Rule(re.compile(r"decoder_2\.model\."), partial(acoustic_module, "acoustic_decoder", nb), FOLD),
+        Rule(re.compile(r"encoder_semantic\.|decoder_semantic\."), semantic_codec_name, COPY),
+        Rule(re.compile(r"^quantizer\.vq\.layers\.(?P<i>\d+)\._codebook\.embed$"),
+             "quantizer.quantizers.{i}.codebook.embed", COPY),
+        Rule(re.compile(r"^quantizer\.vq\.layers\.(?P<i>\d+)\.(?P<proj>project_(?:in|out)\.(?:weight|bias))$"),
+             "quantizer.quantizers.{i}.{proj}", COPY),
+        Rule(re.compile(r"fc_prior\."), "fc.{rest}", COPY),
+        Rule(re.compile(r"fc_post1\."), "fc1.{rest}", COPY),
+        Rule(re.compile(r"fc_post2\."), "fc2.{rest}", COPY),
+        Rule(re.compile(re.escape(f"{POS_CONV}.")), {"g": f"{POS_CONV}.parametrizations.weight.original0",
+                                                      "v": f"{POS_CONV}.parametrizations.weight.original1"}, PAIR),
+        Rule(f"{POS_CONV}.weight", f"{POS_CONV}.parametrizations.weight", UNFOLD),
+        Rule(re.compile(r"semantic_model\."), "{key}", COPY),  # HuBERT: the native names already
+    )
+
+
+def _default_true(shape):
+    import torch
+
+    return torch.ones(1)
+
+
+def _zeros(shape):
+    import torch
+
+    return torch.zeros(shape)
+
+
+def _identity(shape):
+    import torch
+
+    return torch.eye(shape[0])
+
+
+class Default(NamedTuple):
+    """A native tensor model.pth has no counterpart for, and the value it gets when written."""
+
+    pattern: re.Pattern  # matched against the native name
+    how: str
+    value: object  # shape -> tensor
+    square_only: bool = False
+
+
+TOKENIZER_DEFAULTS = (
+    Default(re.compile(r"^quantizer\.quantizers\.\d+\.codebook\.inited$"), "default (True)", _default_true),
+    Default(re.compile(r"^quantizer\.quantizers\.\d+\.codebook\.(cluster_size|embed_avg)$"),
+            "default (zeros, unused at inference)", _zeros),
+    # Boson has an Identity when codebook_dim == dim; a non-square projection stays missing
+    Default(re.compile(r"^quantizer\.quantizers\.\d+\.project_(in|out)\.weight$"),
+            "identity (Boson has no projection)", _identity, square_only=True),
+    Default(re.compile(r"^quantizer\.quantizers\.\d+\.project_(in|out)\.bias$"), "zeros (Boson has no projection)", _zeros),
+)
+
+
+# --------------------------------------------------------------------------- audio tokenizer
 
 
 def fold_weight_norm(g, v):
@@ -589,35 +732,47 @@ def load_pth(path: Path) -> dict:
     return state
 
 
-def _acoustic_name(key: str, prefix: str, native: str, nb: int):
-    """Boson's DAC Sequential indices -> (native DacEncoder / DacDecoder module, rest), or None."""
-    parts = key[len(prefix):].split(".")
-    top = int(parts[0])
-    rest = parts[1:]
-    outer = {0: "conv1", nb + 1: "snake1", nb + 2: "conv2"}  # the same in encoder and decoder
-    if top in outer:
-        return f"{native}.{outer[top]}", rest
-    if not (1 <= top <= nb and rest[:1] == ["block"]):
+def acoustic_module(native: str, nb: int, path: str) -> str | None:
+    """Boson's DAC Sequential indices (`path`: the module after encoder.block. / decoder_2.model.) -> the
+    native DacEncoder / DacDecoder module, or None."""
+    try:
+        parts = path.split(".")
+        top = int(parts[0])
+        rest = parts[1:]
+        outer = {0: "conv1", nb + 1: "snake1", nb + 2: "conv2"}  # the same in encoder and decoder
+        if top in outer:
+            return f"{native}.{outer[top]}"
+        if not (1 <= top <= nb and rest[:1] == ["block"]):
+            return None
+        j = int(rest[1])
+        base = f"{native}.block.{top - 1}"
+        unit = ["snake1", "conv1", "snake2", "conv2"]  # ResidualUnit's Sequential
+        if native == "acoustic_encoder":  # block: 3 ResidualUnits (dilation 1, 3, 9), snake, conv
+            if j <= 2:
+                return f"{base}.res_unit{j + 1}.{unit[int(rest[3])]}"
+            return f"{base}.snake1" if j == 3 else f"{base}.conv1"
+        if j == 0:  # decoder block: snake, transposed conv, 3 ResidualUnits
+            return f"{base}.snake1"
+        if j == 1:
+            return f"{base}.conv_t1"
+        return f"{base}.res_unit{j - 1}.{unit[int(rest[3])]}"
+    except (ValueError, IndexError):
         return None
-    j = int(rest[1])
-    base = f"{native}.block.{top - 1}"
-    unit = ["snake1", "conv1", "snake2", "conv2"]  # ResidualUnit's Sequential
-    if native == "acoustic_encoder":  # block: 3 ResidualUnits (dilation 1, 3, 9), snake, conv
-        if j <= 2:
-            return f"{base}.res_unit{j + 1}.{unit[int(rest[3])]}", rest[4:]
-        return (f"{base}.snake1", rest[2:]) if j == 3 else (f"{base}.conv1", rest[2:])
-    if j == 0:  # decoder block: snake, transposed conv, 3 ResidualUnits
-        return f"{base}.snake1", rest[2:]
-    if j == 1:
-        return f"{base}.conv_t1", rest[2:]
-    return f"{base}.res_unit{j - 1}.{unit[int(rest[3])]}", rest[4:]
 
 
-def _semantic_name(key: str) -> str:
+def semantic_codec_name(key: str) -> str:
     for old, new in ((".conv.conv.", ".conv."), (".conv.deconv.", ".conv."), (".conv1.conv.", ".conv1."),
                      (".conv2.conv.", ".conv2.")):
         key = key.replace(old, new)
     return key
+
+
+def conv_weight(state: dict, module: str):
+    """A conv's weight as its shape reads: the v of a weight-norm pair (either spelling) or the plain weight."""
+    for name in ("weight_v", "parametrizations.weight.original1", "weight"):
+        if f"{module}.{name}" in state:
+            return state[f"{module}.{name}"]
+    return None
 
 
 def hubert_config(state: dict) -> dict:
@@ -629,11 +784,7 @@ def hubert_config(state: dict) -> dict:
     convs = sorted(int(m.group(1)) for k in state
                    if (m := re.match(rf"^{p}feature_extractor\.conv_layers\.(\d+)\.conv\.weight$", k)))
     layers = {int(m.group(1)) for k in state if (m := re.match(rf"^{p}encoder\.layers\.(\d+)\.", k))}
-    pos = None
-    for name in ("weight_v", "parametrizations.weight.original1", "weight"):
-        if f"{p}encoder.pos_conv_embed.conv.{name}" in state:
-            pos = state[f"{p}encoder.pos_conv_embed.conv.{name}"]
-            break
+    pos = conv_weight(state, POS_CONV)
     if not convs or not layers or pos is None or hidden % HUBERT_HEAD_DIM:
         raise UserError("model.pth: cannot read the HuBERT sizes from its tensors")
     if len(convs) != 7:
@@ -657,59 +808,63 @@ def hubert_config(state: dict) -> dict:
     }
 
 
-def plan_tokenizer(src: Path) -> Plan:
-    import torch
-    from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
-
-    cfg = inference.read_json(src / "config.json")
-    state = load_pth(src / "model.pth")
-    source_bytes = (src / "model.pth").stat().st_size
-    ratios = list(cfg.get("ratios", [8, 5, 4, 2]))
-    n_q, bins = int(cfg.get("n_q", 8)), cfg.get("bins", 1024)
+def refuse_tokenizer_config(cfg: dict) -> None:
+    """Errors for what HiggsAudioV2Tokenizer cannot express."""
     teacher = cfg.get("semantic_techer", "hubert_base")
     if teacher not in ("hubert_base", "hubert_base_general"):
         raise UserError(f"semantic_techer {teacher!r}: only HuBERT teachers can be expressed by the native tokenizer")
-    if not isinstance(bins, int):
+    if not isinstance(cfg.get("bins", 1024), int):
         raise UserError("bins is a list (residual FSQ): the native tokenizer has residual VQ only")
     for name, want in (("vq_scale", 1), ("downsample_mode", "step_down"), ("merge_mode", "concat"),
                        ("causal", False), ("normalize", False)):
         if name in cfg and cfg[name] != want:
             raise UserError(f"{name} {cfg[name]!r}: the native tokenizer supports {want!r} only")
+
+
+def native_tokenizer_config(cfg: dict, state: dict):
+    """(HiggsAudioV2TokenizerConfig, notes) from Boson's config.json and the tensor shapes."""
+    from transformers import HiggsAudioV2TokenizerConfig
+
+    ratios = list(cfg.get("ratios", [8, 5, 4, 2]))
+    n_q, bins = int(cfg.get("n_q", 8)), cfg.get("bins", 1024)
+    refuse_tokenizer_config(cfg)
     sample_rate = int(cfg.get("sample_rate", 16000))
-    nb = len(ratios)
 
     # widths from tensor shapes (Boson's code hard-codes 64 / 1024 / 768 and ignores n_filters)
     def weight_of(prefix):
-        for name in ("weight_v", "parametrizations.weight.original1", "weight"):
-            if f"{prefix}.{name}" in state:
-                return state[f"{prefix}.{name}"]
-        raise UserError(f"model.pth has no {prefix}.weight(_v): not a Higgs Audio tokenizer checkpoint")
+        w = conv_weight(state, prefix)
+        if w is None:
+            raise UserError(f"model.pth has no {prefix}.weight(_v): not a Higgs Audio tokenizer checkpoint")
+        return w
 
     enc_width = weight_of("encoder.block.0").shape[0]
     dec_width = weight_of("decoder_2.model.0").shape[0]
-    acoustic_hidden = weight_of(f"encoder.block.{nb + 2}").shape[0]
+    acoustic_hidden = weight_of(f"encoder.block.{len(ratios) + 2}").shape[0]
     semantic_hidden = weight_of("encoder_semantic.conv.conv").shape[0]
     if "D" in cfg and int(cfg["D"]) != acoustic_hidden:
         raise UserError(f"config D {cfg['D']} but the encoder's last conv has {acoustic_hidden} channels")
     emb = state.get("quantizer.vq.layers.0._codebook.embed")
     if emb is None:
         raise UserError("model.pth has no quantizer.vq.layers.0._codebook.embed")
-    codebook_dim = emb.shape[1]
     hubert = hubert_config(state)
     if hubert["hidden_size"] != semantic_hidden:
         raise UserError(f"HuBERT width {hubert['hidden_size']} != semantic encoder width {semantic_hidden}")
 
     # the last bandwidth decides the quantizer count: keep the list up to n_q quantizers
-    frame_rate = math.ceil(sample_rate / math.prod(ratios))
-    per_q = frame_rate * math.ceil(math.log2(bins)) / 1000
-    bandwidths = [b for b in cfg.get("target_bandwidths", [n_q * per_q]) if int(1000 * b // (frame_rate * math.ceil(math.log2(bins)))) <= n_q]
-    if not bandwidths or int(1000 * bandwidths[-1] // (frame_rate * math.ceil(math.log2(bins)))) != n_q:
+    bits_per_q = math.ceil(sample_rate / math.prod(ratios)) * math.ceil(math.log2(bins))  # frame rate x bits a code
+
+    def quantizers(bandwidth):  # how many quantizers a bandwidth (kbps) selects
+        return int(1000 * bandwidth // bits_per_q)
+
+    per_q = bits_per_q / 1000
+    bandwidths = [b for b in cfg.get("target_bandwidths", [n_q * per_q]) if quantizers(b) <= n_q]
+    if not bandwidths or quantizers(bandwidths[-1]) != n_q:
         bandwidths.append(round(n_q * per_q, 6))
     config = HiggsAudioV2TokenizerConfig(
         target_bandwidths=bandwidths,
         sample_rate=sample_rate,
         codebook_size=int(bins),
-        codebook_dim=int(codebook_dim),
+        codebook_dim=int(emb.shape[1]),
         acoustic_model_config={
             "encoder_hidden_size": int(enc_width),
             "downsampling_ratios": ratios,
@@ -727,114 +882,107 @@ def plan_tokenizer(src: Path) -> Plan:
     boson_factor = int(math.prod(ratios) / (sample_rate / config.semantic_sample_rate) / 320)
     if config.semantic_downsample_factor != boson_factor:
         raise AssertionError("semantic downsample factor differs from Boson's")
-    expected = expected_shapes(HiggsAudioV2TokenizerModel, config)
     notes = [f"target_bandwidths {cfg.get('target_bandwidths')} -> {bandwidths}: exactly n_q = {n_q} quantizers "
              f"at hop {config.hop_length}",
              f"widths from tensor shapes: acoustic encoder {enc_width}, decoder {dec_width}, latent {acoustic_hidden}, "
              f"semantic {semantic_hidden}; HuBERT {hubert['num_hidden_layers']} layers x {hubert['hidden_size']}, "
              f"{hubert['num_attention_heads']} heads (head dim {HUBERT_HEAD_DIM})"]
+    return config, notes
 
-    targets, dropped, unknown = [], [], []
-    weight_norm_groups = {}  # module prefix -> {"g": key, "v": key}
-    simple = {}  # target -> source key
+
+def classify_tokenizer_keys(state: dict, rules) -> tuple[dict, dict, list, list]:
+    """model.pth keys -> (copies {native name: key}, weight-norm groups {native name: {"g": key, "v": key},
+    or {"w": key} for a plain weight to unfold}, dropped, unknown)."""
+    copies, weight_norm, dropped, unknown = {}, {}, [], []
     for key in sorted(state):
-        if re.match(r"^quantizer\.vq\.layers\.\d+\._codebook\.(inited|cluster_size|embed_avg)$", key):
-            dropped.append((key, "RVQ training buffer (the native buffer gets its inference default)"))
-            continue
-        if key == "semantic_model.masked_spec_embed":
-            dropped.append((key, "HuBERT training-only mask embedding"))
-            continue
-        m = re.match(r"^(.*)\.(weight_g|weight_v|parametrizations\.weight\.original0|parametrizations\.weight\.original1)$", key)
-        module, param = (m.group(1), m.group(2)) if m else (key.rsplit(".", 1)[0], key.rsplit(".", 1)[1])
-        slot = {"weight_g": "g", "parametrizations.weight.original0": "g",
-                "weight_v": "v", "parametrizations.weight.original1": "v"}.get(param)
-        if key.startswith(("encoder.block.", "decoder_2.model.")):
-            prefix, native = ("encoder.block.", "acoustic_encoder") if key.startswith("encoder.") else ("decoder_2.model.", "acoustic_decoder")
-            try:
-                mapped = _acoustic_name(module, prefix, native, nb)
-            except (ValueError, IndexError):
-                mapped = None
-            if mapped is None:
-                unknown.append(key)
-                continue
-            name = mapped[0]
-            if slot:
-                weight_norm_groups.setdefault(f"{name}.weight", {})[slot] = key
-            else:
-                simple[f"{name}.{param}"] = key
-        elif key.startswith(("encoder_semantic.", "decoder_semantic.")):
-            simple[_semantic_name(key)] = key
-        elif key.startswith("quantizer.vq.layers."):
-            m2 = re.match(r"^quantizer\.vq\.layers\.(\d+)\.(_codebook\.embed|project_in\.(?:weight|bias)|project_out\.(?:weight|bias))$", key)
-            if not m2:
-                unknown.append(key)
-                continue
-            sub = m2.group(2).replace("_codebook.", "codebook.")
-            simple[f"quantizer.quantizers.{m2.group(1)}.{sub}"] = key
-        elif key.split(".")[0] in ("fc_prior", "fc_post1", "fc_post2"):
-            head, rest = key.split(".", 1)
-            simple[f"{ {'fc_prior': 'fc', 'fc_post1': 'fc1', 'fc_post2': 'fc2'}[head] }.{rest}"] = key
-        elif key.startswith("semantic_model.encoder.pos_conv_embed.conv.") and slot:
-            which = "original0" if slot == "g" else "original1"
-            simple[f"semantic_model.encoder.pos_conv_embed.conv.parametrizations.weight.{which}"] = key
-        elif key == "semantic_model.encoder.pos_conv_embed.conv.weight":
-            weight_norm_groups["__pos_conv_unfolded__"] = {"w": key}
-        elif key.startswith("semantic_model."):
-            simple[key] = key
-        else:
+        wn = WEIGHT_NORM_RE.match(key)
+        module, _, param = (wn.group(1), ".", wn.group(2)) if wn else key.rpartition(".")  # "" for a dotless key
+        half = WEIGHT_NORM_HALF.get(param)  # "g" | "v" | None
+        rule, m = first_rule(rules, key, half)
+        if rule is None:
             unknown.append(key)
-    bad = [simple[k] for k in simple if k not in expected]
-    bad += [k for name, slots in weight_norm_groups.items() if name != "__pos_conv_unfolded__" and name not in expected
-            for k in slots.values()]
+        elif rule.target is None:
+            dropped.append((key, rule.how))
+        elif rule.how == FOLD:
+            name = rule.target(module[m.end():])
+            if name is None:
+                unknown.append(key)
+            elif half:
+                weight_norm.setdefault(f"{name}.weight", {})[half] = key
+            else:
+                copies[f"{name}.{param}"] = key
+        elif rule.how == PAIR:
+            copies[rule.target[half]] = key
+        elif rule.how == UNFOLD:
+            weight_norm[rule.target] = {"w": key}
+        else:
+            copies[rule.target(key) if callable(rule.target) else renamed(rule.target, key, m)] = key
+    return copies, weight_norm, dropped, unknown
+
+
+def check_tokenizer_names(copies: dict, weight_norm: dict, unknown: list, expected: dict) -> None:
+    """Every key is known and lands on a tensor the native tokenizer holds (an unfold's pair is checked later)."""
+    bad = [key for name, key in copies.items() if name not in expected]
+    bad += [key for name, halves in weight_norm.items() if "w" not in halves and name not in expected
+            for key in halves.values()]
     if unknown or bad:
         raise unknown_error(sorted(set(unknown) | set(bad)), "audio tokenizer model.pth")
 
-    def copy(key):
-        return lambda: state[key].detach().clone()
 
-    for name, key in simple.items():
-        t = state[key]
-        targets.append(Target(name, str(t.dtype).replace("torch.", ""), list(t.shape), [key], "copy", copy(key)))
-    for name, slots in weight_norm_groups.items():
-        if name == "__pos_conv_unfolded__":  # plain weight: unfold into the native (g, v) pair over dim 2
-            key = slots["w"]
-            w = state[key]
-            g_shape = [1, 1, w.shape[2]]
-            base = "semantic_model.encoder.pos_conv_embed.conv.parametrizations.weight"
-            targets.append(Target(f"{base}.original0", str(w.dtype).replace("torch.", ""), g_shape, [key],
-                                  "weight-norm g over dim 2",
-                                  lambda key=key: state[key].float().pow(2).sum(dim=(0, 1), keepdim=True).sqrt().to(state[key].dtype)))
-            targets.append(Target(f"{base}.original1", str(w.dtype).replace("torch.", ""), list(w.shape), [key],
-                                  "weight-norm v", copy(key)))
-            continue
-        if set(slots) != {"g", "v"}:
-            raise UserError(f"model.pth: weight-norm pair incomplete for {name}: {sorted(slots.values())}")
-        g, v = state[slots["g"]], state[slots["v"]]
-        dims = [d for d in range(v.dim()) if g.shape[d] == 1]
-        targets.append(Target(name, str(v.dtype).replace("torch.", ""), list(v.shape), [slots["g"], slots["v"]],
-                              f"weight-norm fold (norm over dims {dims})",
-                              lambda g=slots["g"], v=slots["v"]: fold_weight_norm(state[g], state[v])))
-    # native-only buffers: RVQ state (inited / cluster_size / embed_avg) and missing projections
-    names = {t.name for t in targets}
+def state_copy(name: str, state: dict, key: str, how: str = "copy") -> Target:
+    t = state[key]
+    return Target(name, dtype_name(t), list(t.shape), [key], how, lambda: state[key].detach().clone())
+
+
+def weight_norm_fold(name: str, state: dict, halves: dict) -> Target:
+    if set(halves) != {"g", "v"}:
+        raise UserError(f"model.pth: weight-norm pair incomplete for {name}: {sorted(halves.values())}")
+    g, v = state[halves["g"]], state[halves["v"]]
+    dims = [d for d in range(v.dim()) if g.shape[d] == 1]
+    return Target(name, dtype_name(v), list(v.shape), [halves["g"], halves["v"]],
+                  f"weight-norm fold (norm over dims {dims})",
+                  lambda g=halves["g"], v=halves["v"]: fold_weight_norm(state[g], state[v]))
+
+
+def weight_norm_unfold(base: str, state: dict, key: str) -> list[Target]:
+    """A plain weight -> the native parametrization's (g, v) pair, norm over dim 2 (HuBERT's positional conv)."""
+    w = state[key]
+    g_shape = [1, 1, w.shape[2]]
+    return [Target(f"{base}.original0", dtype_name(w), g_shape, [key], "weight-norm g over dim 2",
+                   lambda: state[key].float().pow(2).sum(dim=(0, 1), keepdim=True).sqrt().to(state[key].dtype)),
+            state_copy(f"{base}.original1", state, key, how="weight-norm v")]
+
+
+def tokenizer_defaults(expected: dict, have: set) -> list[Target]:
+    """The native-only tensors (TOKENIZER_DEFAULTS) that no source key filled."""
+    targets = []
     for name, shape in expected.items():
-        if name in names:
+        if name in have:
             continue
-        m = re.match(r"^quantizer\.quantizers\.(\d+)\.(codebook\.(inited|cluster_size|embed_avg)|project_(in|out)\.(weight|bias))$", name)
-        if not m:
-            continue
-        if m.group(3) == "inited":
-            produce, how = (lambda: torch.ones(1)), "default (True)"
-        elif m.group(3):
-            produce, how = (lambda shape=shape: torch.zeros(shape)), "default (zeros, unused at inference)"
-        elif m.group(5) == "weight" and shape[0] == shape[1]:  # Boson's Identity when codebook_dim == dim
-            produce, how = (lambda n=shape[0]: torch.eye(n)), "identity (Boson has no projection)"
-        elif m.group(5) == "bias":
-            produce, how = (lambda shape=shape: torch.zeros(shape)), "zeros (Boson has no projection)"
-        else:
-            continue
-        targets.append(Target(name, "float32", list(shape), [], how, produce))
-    rank = {name: i for i, name in enumerate(expected)}
-    targets.sort(key=lambda t: rank.get(t.name, len(rank)))
+        for d in TOKENIZER_DEFAULTS:
+            if d.pattern.match(name) and (not d.square_only or shape[0] == shape[1]):
+                targets.append(Target(name, "float32", list(shape), [], d.how, partial(d.value, shape)))
+                break
+    return targets
+
+
+def plan_tokenizer(src: Path) -> Plan:
+    from transformers import HiggsAudioV2TokenizerModel
+
+    cfg = inference.read_json(src / "config.json")
+    state = load_pth(src / "model.pth")
+    source_bytes = (src / "model.pth").stat().st_size
+    config, notes = native_tokenizer_config(cfg, state)
+    expected = expected_shapes(HiggsAudioV2TokenizerModel, config)
+    nb = len(config.acoustic_model_config.downsampling_ratios)
+    copies, weight_norm, dropped, unknown = classify_tokenizer_keys(state, tokenizer_rules(nb))
+    check_tokenizer_names(copies, weight_norm, unknown, expected)
+    targets = [state_copy(name, state, key) for name, key in copies.items()]
+    for name, halves in weight_norm.items():
+        targets += weight_norm_unfold(name, state, halves["w"]) if "w" in halves else [
+            weight_norm_fold(name, state, halves)]
+    targets += tokenizer_defaults(expected, {t.name for t in targets})
+    targets = in_native_order(targets, expected)
     check_targets(targets, expected)
     return Plan("tokenizer", config, targets, dropped, notes, source_bytes, {})
 
@@ -864,9 +1012,8 @@ def verify_tokenizer(path: Path, log) -> None:
         hf_logging.set_verbosity_warning()
     checkpoints.check_loading_info("tokenizer", path, info)
     model.eval()
-    shim = type("TokenizerOnly", (), {"audio_tokenizer": model, "device": torch.device("cpu")})()
     wave = (0.1 * np.sin(2 * np.pi * 220 * np.arange(24000) / 24000)).astype(np.float32)
-    codes = inference.Engine.encode_audio(shim, wave)
+    codes = inference.encode_waveform(model, wave, torch.device("cpu"))
     with torch.no_grad():
         audio = model.decode(codes[None]).audio_values
     n_q = model.config.num_quantizers

@@ -37,6 +37,10 @@ STAGING_DIR=${HIGGS_STAGING_DIR:-./original_cache}
 ORIGINAL=${HIGGS_ORIGINAL:-0}
 KEEP_STAGING=${HIGGS_KEEP_STAGING:-0}
 ONLY=${HIGGS_ONLY:-all}
+EVAL_MODELS=${HIGGS_EVAL_MODELS:-0}
+ASR_MODEL_REPO=${HIGGS_ASR_MODEL_REPO:-openai/whisper-large-v3}
+SV_MODEL_REPO=${HIGGS_SV_MODEL_REPO:-microsoft/wavlm-base-plus-sv}
+EVAL_DIR=${HIGGS_EVAL_DIR:-./eval_models}
 
 usage() {
     cat <<EOF
@@ -80,6 +84,16 @@ Options (each also settable by the environment variable in brackets; the
                                                                      [HIGGS_STAGING_DIR]
   --keep_staging           keep the original-layout download after converting
                                                                      [HIGGS_KEEP_STAGING=1]
+  --eval_models            fetch instead the models eval_audio.py --mode quality and
+                           inference.py --asr_check use (docs/quality.md): a Whisper ASR model
+                           and a WavLM speaker-verification model, into EVAL_DIR/NAME,
+                           checked like the rest (only the files their transformers
+                           classes read)                             [HIGGS_EVAL_MODELS=1]
+  --asr_model_repo ID      Whisper repo (default: openai/whisper-large-v3, ~3.1 GB; any
+                           openai/whisper-* size works)              [HIGGS_ASR_MODEL_REPO]
+  --sv_model_repo ID       speaker-verification repo (default: microsoft/wavlm-base-plus-sv)
+                                                                     [HIGGS_SV_MODEL_REPO]
+  --eval_dir DIR           where --eval_models go (default: ./eval_models) [HIGGS_EVAL_DIR]
   -h, --help               show this help
 
 Environment read by huggingface_hub:
@@ -104,6 +118,7 @@ while [ $# -gt 0 ]; do
         -h | --help) usage; exit 0 ;;
         --original) ORIGINAL=1; shift; continue ;;
         --keep-staging) KEEP_STAGING=1; shift; continue ;;
+        --eval-models) EVAL_MODELS=1; shift; continue ;;
         --*=*) val=${1#*=}; opt=${opt%%=*}; shift ;;
         --*)
             [ $# -ge 2 ] || die "$1 needs a value (see bash download.sh --help)"
@@ -119,6 +134,9 @@ while [ $# -gt 0 ]; do
         --tokenizer-dir) TOKENIZER_DIR=$val ;;
         --staging-dir) STAGING_DIR=$val ;;
         --only) ONLY=$val ;;
+        --asr-model-repo) ASR_MODEL_REPO=$val ;;
+        --sv-model-repo) SV_MODEL_REPO=$val ;;
+        --eval-dir) EVAL_DIR=$val ;;
         *) die "unknown option $opt (see bash download.sh --help)" ;;
     esac
 done
@@ -126,6 +144,7 @@ done
 case $ONLY in all | model | tokenizer) ;; *) die "--only must be model or tokenizer, got '$ONLY'" ;; esac
 case $ORIGINAL in 1 | true | yes) ORIGINAL=1 ;; *) ORIGINAL=0 ;; esac
 case $KEEP_STAGING in 1 | true | yes) KEEP_STAGING=1 ;; *) KEEP_STAGING=0 ;; esac
+case $EVAL_MODELS in 1 | true | yes) EVAL_MODELS=1 ;; *) EVAL_MODELS=0 ;; esac
 
 # sources KIND: the candidates as hub.py takes them, after "EXPLICIT" (1: the user named one source)
 sources() {
@@ -228,7 +247,14 @@ fetch_repo() {
     mkdir -p "$(dirname "$log")"
     : >"$log"
     echo "    downloading $(helper_gb "$need") ..."
-    if [ "$sub" = - ]; then
+    if [ "$sub" = - ] && [ "$(helper only "$listing")" = 1 ]; then
+        # only the listed files (a repo may hold its weights in several formats)
+        mapfile -t files < <(helper files "$listing" weights)
+        [ "${#files[@]}" = 0 ] || run_hf "$log" "$repo" "${files[@]}" --revision "$commit" --local-dir "$dir"
+        verify_download "$kind" "$dir" "$listing" weights
+        mapfile -t files < <(helper files "$listing" gates)
+        [ "${#files[@]}" = 0 ] || run_hf "$log" "$repo" "${files[@]}" --revision "$commit" --local-dir "$dir"
+    elif [ "$sub" = - ]; then
         run_hf "$log" "$repo" --revision "$commit" --local-dir "$dir" --exclude "config.json" --exclude "*.index.json"
         verify_download "$kind" "$dir" "$listing" weights
         run_hf "$log" "$repo" --revision "$commit" --local-dir "$dir" --include "config.json" --include "*.index.json"
@@ -305,6 +331,21 @@ fetch_kind() {
 }
 
 echo "Hub: $ENDPOINT ($TRANSPORT; $HF_CLI)"
+if [ "$EVAL_MODELS" = 1 ]; then
+    # each folder is named after its repo: openai/whisper-small -> EVAL_DIR/whisper-small
+    asr_dir="$EVAL_DIR/${ASR_MODEL_REPO##*/}" sv_dir="$EVAL_DIR/${SV_MODEL_REPO##*/}"
+    echo "Checking sources (safetensors headers against what transformers builds from each config.json):"
+    must pick "$WORK" whisper "$asr_dir" 1 "$ASR_MODEL_REPO" -- wavlm-sv "$sv_dir" 1 "$SV_MODEL_REPO"
+    fetch_repo whisper whisper "$WORK/whisper.json" "$asr_dir"
+    fetch_repo wavlm-sv wavlm-sv "$WORK/wavlm-sv.json" "$sv_dir"
+    next="python3 eval_audio.py --mode quality"
+    [ "$asr_dir" = ./eval_models/whisper-large-v3 ] || next+=" --asr_model $(printf %q "$asr_dir")"
+    [ "$sv_dir" = ./eval_models/wavlm-base-plus-sv ] || next+=" --sv_model $(printf %q "$sv_dir")"
+    echo
+    echo "Done. Next:"
+    echo "    $next"
+    exit 0
+fi
 if [ "$ORIGINAL" = 1 ]; then
     [ "$ONLY" = tokenizer ] || convert_repo model "${MODEL_REPO:-$ORIGINAL_MODEL_REPO}" \
         "${MODEL_REVISION:-$PINNED_MODEL_REVISION}" "$STAGING_DIR/model" "$MODEL_DIR"

@@ -34,8 +34,29 @@ CHECKED = STAGING / "checked.json"
 STAGE = STAGING / "stage"
 USER_AGENT = "higgs-download/check"  # marks this script's own hub queries (the tests tell them from hf's)
 OFFICIAL_OWNER = "bosonai"
-LABELS = {"model": "generation model", "tokenizer": "audio tokenizer"}
-CLASSES = {"model": "HiggsAudioV2ForConditionalGeneration", "tokenizer": "HiggsAudioV2TokenizerModel"}
+LABELS = {"model": "generation model", "tokenizer": "audio tokenizer",
+          "whisper": "Whisper speech recognition model", "wavlm-sv": "WavLM speaker-verification model"}
+CLASSES = {"model": "HiggsAudioV2ForConditionalGeneration", "tokenizer": "HiggsAudioV2TokenizerModel",
+           "whisper": "WhisperForConditionalGeneration", "wavlm-sv": "WavLMForXVector"}
+# download.sh --eval_models: only the files the transformers classes read (openai/whisper-large-v3 also holds
+# fp32, PyTorch and Flax copies of its weights: 18 GB where 3 GB do)
+EVAL_KINDS = ("whisper", "wavlm-sv")
+EVAL_CONFIGS = {"config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
+                "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json",
+                "normalizer.json"}
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def eval_files(files: dict[str, int]) -> dict[str, int]:
+    """The configs, tokenizer and one copy of the weights: model.safetensors, else its shards and index,
+    else pytorch_model.bin (microsoft/wavlm-base-plus-sv has nothing else)."""
+    if "model.safetensors" in files:
+        weights = {"model.safetensors"}
+    elif "model.safetensors.index.json" in files:
+        weights = {"model.safetensors.index.json"} | {n for n in files if SHARD.fullmatch(n)}
+    else:
+        weights = {"pytorch_model.bin"}
+    return {n: size for n, size in files.items() if n in EVAL_CONFIGS or n in weights}
 
 EXIT_OTHER, EXIT_NETWORK, EXIT_ACCESS, EXIT_NOT_FOUND, EXIT_DISK, EXIT_WRONG = 1, 3, 4, 5, 6, 7
 
@@ -220,8 +241,10 @@ def check_source(api, kind: str, src: Source, folder: Path) -> tuple[dict, str]:
     files = {n[len(prefix):]: s for n, s in all_files.items() if n.startswith(prefix)}
     if not files:
         raise checkpoints.UserError(f"{src.label} has no files under {src.subfolder}/")
+    if kind in EVAL_KINDS:
+        files = eval_files(files)
     listing = {"kind": kind, "source": src.key, "repo": src.repo, "subfolder": src.subfolder,
-               "revision": src.revision, "commit": commit, "files": files}
+               "revision": src.revision, "commit": commit, "files": files, "only": kind in EVAL_KINDS}
     if src.original:
         return check_original(api, kind, src, listing)
     for record in (MARKER, CHECKED):  # same source, same commit: the same bytes as checked before
@@ -241,6 +264,11 @@ def check_source(api, kind: str, src: Source, folder: Path) -> tuple[dict, str]:
     except ValueError as e:
         raise checkpoints.UserError(f"{src.label}: config.json is not JSON ({first_line(e)})") from None
     expected = checkpoints.Expected(kind, config, f"{src.label}: config.json")
+    if kind in checkpoints.PICKLE_KINDS and "pytorch_model.bin" in files:
+        # a pickle has no header to read over HTTP: its tensors are checked after the download
+        listing.update(config_sha256=hashlib.sha256(raw).hexdigest())
+        return listing, (f"config.json builds {CLASSES[kind]}; its pytorch_model.bin is checked against it "
+                         "after the download")
     try:
         found, nheaders, what = remote_tensors(api, src, commit, files)
     except HubError:
@@ -304,7 +332,7 @@ def pick(api, kind: str, folder: Path, explicit: bool, specs: list[str], out) ->
             failures.append(HubError(EXIT_WRONG, str(e)))
         else:
             print(f"  {kind}: {name}: ok: {how} (commit {listing['commit'][:12]})", flush=True)
-            if src.repo.split("/")[0] != OFFICIAL_OWNER:
+            if kind not in EVAL_KINDS and src.repo.split("/")[0] != OFFICIAL_OWNER:
                 print(f"    note: these files come from {src.repo}, not from Boson AI's own repos; they are "
                       f"under that repo's licence: {api.endpoint}/{src.repo}", flush=True)
             Path(out).write_text(json.dumps(listing))
@@ -390,10 +418,16 @@ def tensor_problem(kind: str, folder: Path, data: dict) -> str | None:
                 != data["config_sha256"]:
             return f"{folder}/config.json is not the one checked on the hub"
         if data.get("tensors"):
-            checkpoints.check_tensors(kind, str(folder), checkpoints.folder_tensors(folder), data["tensors"])
+            checkpoints.check_tensors(kind, str(folder), checkpoints.folder_tensors(
+                folder, pickle_ok=kind in checkpoints.PICKLE_KINDS), data["tensors"])
         else:
             checkpoints.verify_folder(kind, folder)
-        (inference.check_model_dir if kind == "model" else inference.check_tokenizer_dir)(folder)
+        if kind in EVAL_KINDS:  # the check eval_audio.py and inference.py --asr_check run before loading
+            import quality
+
+            quality.check_model_folder(kind, folder, "the folder")
+        else:
+            (inference.check_model_dir if kind == "model" else inference.check_tokenizer_dir)(folder)
     except (checkpoints.UserError, OSError) as e:
         return str(e)
     return None
@@ -455,10 +489,15 @@ def phase_files(data: dict, phase: str) -> list[str]:
 
 
 def cmd_files(listing, phase):
-    """The repo paths of a subfolder source's files of one phase (weights, then gates), one a line."""
+    """The repo paths of a subfolder (or "only") source's files of one phase (weights, then gates), one a line."""
     data = load(listing)
     for name in phase_files(data, phase):
-        print(f"{data['subfolder']}/{name}")
+        print(f"{data['subfolder']}/{name}" if data["subfolder"] else name)
+
+
+def cmd_only(listing):
+    """1 when only the listed files are to be fetched (download.sh --eval_models), else 0."""
+    print(1 if load(listing).get("only") else 0)
 
 
 def cmd_unstage(folder, listing, phase):
@@ -489,7 +528,7 @@ def cmd_verify_download(kind, folder, listing, phase):
             sys.path.insert(0, str(ROOT))
             import checkpoints
 
-            data["tensors"] = checkpoints.folder_tensors(folder)
+            data["tensors"] = checkpoints.folder_tensors(folder, pickle_ok=kind in checkpoints.PICKLE_KINDS)
         mark(folder, data)
 
 

@@ -24,9 +24,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:  # for annotations only: importing torch costs seconds, and --help must stay fast
+    import numpy as np
+    import torch
+    from transformers import StaticCache
 
 import checkpoints
+import quality
 from checkpoints import UserError, read_json  # noqa: F401  (scripts and tests import them from here)
 
 DEFAULT_TEXT = (
@@ -260,9 +266,9 @@ def race_sample(scores, gumbel):
 class DecodeState:
     """Per-row state of Boson's delay / EOS rules, all tensors on the device."""
 
-    num_delay: object  # [B] codebooks released so far (codebook c > num_delay stays BOS)
-    remaining: object  # [B] frames until the last codebook closes; -1 = no EOS seen yet
-    window: object  # [B, W, C] last RAS window of audio frames (-1 = empty)
+    num_delay: torch.Tensor  # [B] codebooks released so far (codebook c > num_delay stays BOS)
+    remaining: torch.Tensor  # [B] frames until the last codebook closes; -1 = no EOS seen yet
+    window: torch.Tensor  # [B, W, C] last RAS window of audio frames (-1 = empty)
 
 
 def sample_frame(logits, state: DecodeState, params: SamplingParams, noise, ras_noise, cfg):
@@ -336,19 +342,41 @@ def conv_stack_length(module, length: int) -> int:
     return length
 
 
+def encode_waveform(audio_tokenizer, waveform, device):
+    """24 kHz mono float waveform -> codes [C, T], as Boson's tokenizer encodes them.
+
+    The native `encode` pads hop/2 = 480 samples per side when the acoustic path
+    comes out one frame short; Boson re-encodes with 320, so we do the same.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    tok = audio_tokenizer
+    x = torch.as_tensor(waveform, dtype=torch.float32, device=device).reshape(1, 1, -1)
+    with torch.no_grad():
+        semantic = tok.encoder_semantic(tok._extract_semantic_features(x).transpose(1, 2))
+        acoustic = tok.acoustic_encoder(x)
+        if acoustic.shape[2] != semantic.shape[2]:
+            acoustic = tok.acoustic_encoder(F.pad(x, (REENCODE_PAD, REENCODE_PAD)))
+        embeddings = torch.cat([acoustic, semantic], dim=1)
+        embeddings = tok.fc(embeddings.transpose(1, 2)).transpose(1, 2)
+        codes = tok.quantizer.encode(embeddings, tok.config.target_bandwidths[-1])
+    return codes[:, 0].long()  # [C, T]
+
+
 # --------------------------------------------------------------------------- engine
 
 
 @dataclass
 class Prompt:
-    input_ids: object  # [T] long
-    audio_input_ids: object = None  # [Ta, C] long, delay pattern applied, or None
+    input_ids: torch.Tensor  # [T] long
+    audio_input_ids: torch.Tensor | None = None  # [Ta, C] long, delay pattern applied, or None
     text: str = ""
 
 
 @dataclass
 class Generation:
-    codes: object  # [n_frames, C] long, delay pattern, frame 0 all BOS
+    codes: torch.Tensor  # [n_frames, C] long, delay pattern, frame 0 all BOS
     finished: bool  # closed by EOS (False: hit max_new_tokens)
     seed: int
 
@@ -498,25 +526,8 @@ class Engine:
 
     # ---------------- reference audio
     def encode_audio(self, waveform):
-        """24 kHz mono float waveform -> codes [C, T], as Boson's tokenizer encodes them.
-
-        The native `encode` pads hop/2 = 480 samples per side when the acoustic path
-        comes out one frame short; Boson re-encodes with 320, so we do the same.
-        """
-        import torch
-        import torch.nn.functional as F
-
-        tok = self.audio_tokenizer
-        x = torch.as_tensor(waveform, dtype=torch.float32, device=self.device).reshape(1, 1, -1)
-        with torch.no_grad():
-            semantic = tok.encoder_semantic(tok._extract_semantic_features(x).transpose(1, 2))
-            acoustic = tok.acoustic_encoder(x)
-            if acoustic.shape[2] != semantic.shape[2]:
-                acoustic = tok.acoustic_encoder(F.pad(x, (REENCODE_PAD, REENCODE_PAD)))
-            embeddings = torch.cat([acoustic, semantic], dim=1)
-            embeddings = tok.fc(embeddings.transpose(1, 2)).transpose(1, 2)
-            codes = tok.quantizer.encode(embeddings, tok.config.target_bandwidths[-1])
-        return codes[:, 0].long()  # [C, T]
+        """24 kHz mono float waveform -> codes [C, T], as Boson's tokenizer encodes them (encode_waveform)."""
+        return encode_waveform(self.audio_tokenizer, waveform, self.device)
 
     def min_audio_samples(self) -> int:
         """Fewest 24 kHz samples encode_audio takes: both codec paths must give the same frame count, >= 1.
@@ -674,7 +685,8 @@ class Engine:
         if progress and max_frames > 1:
             from tqdm import tqdm
 
-            bar = tqdm(total=min(max_frames, frame_limit or max_frames), initial=1, unit="frame", desc="decode", file=sys.stderr, leave=False)
+            bar = tqdm(total=min(max_frames, frame_limit or max_frames), initial=1, unit="frame", desc="decode",
+                       file=sys.stderr, leave=False)
         steps = 0
         t1 = time.perf_counter()
         for t in range(1, min(max_frames, frame_limit or max_frames)):
@@ -737,14 +749,13 @@ class Engine:
         def step():
             eager_step(model, cache, bufs, params, cfg, cache_kwarg)
 
-        compiled = None
-        if self.decode_mode() == "compile":
-            compiled_step = self._compiled_step()
+        def compiled():
+            compiled_step(model, cache, bufs, params, cfg, cache_kwarg)
 
-            def compiled():
-                compiled_step(model, cache, bufs, params, cfg, cache_kwarg)
+        compiled_step = self._compiled_step() if self.decode_mode() == "compile" else None
 
-        runner = StepRunner(step, self.device, self.decode_mode() == "on", compiled=compiled)
+        runner = StepRunner(step, self.device, self.decode_mode() == "on",
+                            compiled=compiled if compiled_step is not None else None)
         self.decode_context = DecodeContext(key, cache, bufs, runner)
         return self.decode_context
 
@@ -805,18 +816,18 @@ class Engine:
 class DecodeBuffers:
     """Static tensors one decode step reads and updates in place (what a graph replays on)."""
 
-    frame: object  # [B, C] codes fed to the model
-    position_ids: object  # [B, 1]
-    attention_mask: object  # [B, cache_len]
-    noise: object  # [B, C, V] Gumbel noise (-log E) for sampling, or None when nothing is random
-    ras_noise: object  # [B, C, V] the same for the RAS resample
-    num_delay: object
-    remaining: object
-    finished: object
-    n_frames: object
-    window: object
-    out_codes: object  # [B, max_frames, C]
-    t: object  # 0-d: index of the frame the next step writes
+    frame: torch.Tensor  # [B, C] codes fed to the model
+    position_ids: torch.Tensor  # [B, 1]
+    attention_mask: torch.Tensor  # [B, cache_len]
+    noise: torch.Tensor | None  # [B, C, V] Gumbel noise (-log E) for sampling, or None when nothing is random
+    ras_noise: torch.Tensor | None  # [B, C, V] the same for the RAS resample
+    num_delay: torch.Tensor
+    remaining: torch.Tensor
+    finished: torch.Tensor
+    n_frames: torch.Tensor
+    window: torch.Tensor
+    out_codes: torch.Tensor  # [B, max_frames, C]
+    t: torch.Tensor  # 0-d: index of the frame the next step writes
 
     @classmethod
     def create(cls, batch, num_cb, vocab, max_frames, cache_len, window_len, device, sampled):
@@ -857,9 +868,9 @@ class DecodeBuffers:
 @dataclass
 class DecodeContext:
     key: tuple
-    cache: object
+    cache: StaticCache
     bufs: DecodeBuffers
-    runner: object
+    runner: StepRunner
 
 
 def decode_step(model, cache, bufs: DecodeBuffers, params: SamplingParams, cfg, cache_kwarg: str) -> None:
@@ -1250,21 +1261,8 @@ def audio_stats(audio) -> AudioStats:
 
 
 def judge_attempt(text: str, codes, audio) -> str | None:
-    """None if usable, else the reason. The rules are in docs/design.md (Retry)."""
-    frames = codes.shape[0]
-    if frames < MIN_FRAMES:
-        return f"too short: {frames} frames (< {MIN_FRAMES})"
-    if audio is None:
-        return "nothing to decode"
-    stats = audio_stats(audio)
-    if stats.non_finite:
-        return f"non-finite audio: {stats.non_finite} samples"
-    need = min_expected_seconds(text)
-    if stats.duration_s < need:
-        return f"too short for the text: {stats.duration_s:.2f} s < {need:.2f} s ({speech_units(text)} words/chars)"
-    if stats.rms < SILENCE_RMS:
-        return f"silent: RMS {stats.rms:.2e}"
-    return None
+    """None if usable, else the reason. The rules are in docs/design.md (Retry rule)."""
+    return judge_chunk(text, codes.shape[0], audio_stats(audio))
 
 
 # --------------------------------------------------------------------------- output
@@ -1326,7 +1324,7 @@ def load_reference_audio(path: str):
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
-# --------------------------------------------------------------------------- long texts: chunks, runaway guard, streaming
+# --------------------------------------------------------------------------- long texts and streaming
 
 # A chunk holds at most CHUNK_WORDS words, a CJK character counting half a word: at a normal pace (2.5 words or
 # 5 CJK characters a second) that is about 24 s of speech, 600 frames. That leaves the 2048-frame budget over 3x
@@ -1359,8 +1357,10 @@ _CLOSERS = set(_PAIRS.values()) | {'"', "'"}
 # "Dr. Smith", "e.g. this": a period after these is not a sentence end (lower-cased, without the period)
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "inc", "ltd", "co", "corp", "mt",
                   "fig", "vol", "dept", "approx", "no", "gen", "gov", "sen", "rep", "capt", "lt", "col", "sgt"}
-# line break > sentence end > clause end > sentence or clause end inside quotes > word boundary
-_LINE, _SENTENCE, _CLAUSE, _QUOTED, _WORD = 4, 3, 2, 1, 0
+# where a cut may go, best first; inside quotes or brackets only when the quoted span alone is too long;
+# _ANY (next to a CJK character, e.g. between '“' and '你') only when nothing else keeps a chunk in budget
+_LINE, _SENTENCE, _CLAUSE, _WORD, _QUOTED, _QUOTED_WORD, _ANY = 6, 5, 4, 3, 2, 1, 0
+_CUT_PENALTY = {_LINE: 0, _SENTENCE: 0, _CLAUSE: 1, _WORD: 10, _QUOTED: 30, _QUOTED_WORD: 100, _ANY: 1000}
 
 
 def chunk_cost(text: str) -> float:
@@ -1405,10 +1405,10 @@ def _is_abbreviation(text: str, dot: int) -> bool:
 
 
 def _break_levels(text: str) -> dict[int, int]:
-    """Position p -> how good a place to cut between text[:p] and text[p:] is (_LINE ... _WORD).
+    """Position p -> how good a place to cut between text[:p] and text[p:] is (_LINE ... _ANY).
 
     Never inside a word or a number (3.14, 1,000: no space after the mark), never after an
-    abbreviation, and a sentence or clause end inside quotes or brackets only as _QUOTED.
+    abbreviation; inside quotes or brackets every place ranks below any place outside them.
     """
     inside = [0] * (len(text) + 1)
     for start, end in _quoted_spans(text):
@@ -1418,12 +1418,14 @@ def _break_levels(text: str) -> dict[int, int]:
 
     def put(p: int, level: int) -> None:
         if 0 < p < len(text):
-            if inside[p] and level > _QUOTED:
-                level = _QUOTED
+            if inside[p] and level >= _WORD:
+                level = _QUOTED if level > _WORD else _QUOTED_WORD
             levels[p] = max(levels.get(p, -1), level)
 
     for i, c in enumerate(text):
         nxt = text[i + 1] if i + 1 < len(text) else ""
+        if nxt and not c.isspace() and not nxt.isspace() and (_CJK_CHAR.match(c) or _CJK_CHAR.match(nxt)):
+            put(i + 1, _ANY)  # a CJK character next to anything: never inside a Latin word or number
         if c == "\n":
             put(i, _LINE)
         elif c.isspace():
@@ -1450,11 +1452,12 @@ def split_text(text: str, max_words: float = CHUNK_WORDS) -> list[str]:
     """Cut `text` into chunks of at most `max_words` (chunk_cost), at the best places available.
 
     The text is cut into sentences (line breaks, sentence ends); only a sentence too long alone is cut
-    further, at clause ends, then at sentence or clause ends inside quotes, then between words. These
-    pieces are then grouped into chunks by a small dynamic programme: the fewest weak cuts first
-    (a clause end costs 1, a quoted one 3, a word boundary 10), then the fewest chunks, then chunks of
-    even size (no "apples," left alone at the end). The chunks are stripped substrings that follow each
-    other: joined, they give the text back (less whitespace). `max_words` 0: one chunk.
+    further, at clause ends, then between words, and a quoted span too long alone inside it the same
+    way. These pieces are then grouped into chunks by a small dynamic programme: the fewest weak cuts
+    first (_CUT_PENALTY: a clause end 1, a word boundary 10, inside quotes 30 and 100), then the fewest
+    chunks, then chunks of even size (no "apples," left alone at the end). The chunks are stripped
+    substrings that follow each other: joined, they give the text back (less whitespace). `max_words`
+    0: one chunk.
     """
     import bisect
 
@@ -1467,14 +1470,13 @@ def split_text(text: str, max_words: float = CHUNK_WORDS) -> list[str]:
         cuts = by_level[level]
         bounds = [start, *cuts[bisect.bisect_right(cuts, start):bisect.bisect_left(cuts, end)], end]
         for a, b in zip(bounds, bounds[1:]):
-            if level > _WORD and chunk_cost(text[a:b]) > max_words:
+            if level > _ANY and chunk_cost(text[a:b]) > max_words:
                 yield from pieces(a, b, level - 1)
             else:
                 yield a, b
 
     spans = list(pieces(0, len(text), _LINE))
     costs = [chunk_cost(text[a:b]) for a, b in spans]  # additive: every cut lies between words
-    penalty = {_LINE: 0, _SENTENCE: 0, _CLAUSE: 1, _QUOTED: 3, _WORD: 10}
     # best[i]: (weak-cut penalty, chunks, sum of squared chunk costs) of the best grouping of spans[:i]
     best: list = [(0, 0, 0.0)] + [None] * len(spans)
     back = [0] * (len(spans) + 1)
@@ -1486,7 +1488,7 @@ def split_text(text: str, max_words: float = CHUNK_WORDS) -> list[str]:
                 break
             if best[j] is None:
                 continue
-            cut = penalty[levels.get(spans[j][0], _WORD)] if j else 0
+            cut = _CUT_PENALTY[levels[spans[j][0]]] if j else 0
             score = (best[j][0] + cut, best[j][1] + 1, best[j][2] + total * total)
             if best[i] is None or score < best[i]:
                 best[i], back[i] = score, j
@@ -1525,13 +1527,27 @@ def chunk_frame_budget(text: str, max_new_tokens: int, num_codebooks: int) -> in
     return min(max_new_tokens, runaway_limit_frames(text) + 1 + num_codebooks + 1)
 
 
-def frame_rms(audio):
-    """float32 [T * 960] -> [T] RMS of each codec frame (NaN where a frame holds a non-finite sample)."""
+def frame_stats(audio):
+    """float32 [T * 960] -> [T, 3]: RMS, peak and non-finite sample count of each codec frame (as audio_stats:
+    a non-finite sample counts as 0 in the RMS and peak)."""
     import numpy as np
 
     n = audio.size // FRAME_SAMPLES
     frames = np.asarray(audio[: n * FRAME_SAMPLES], dtype=np.float64).reshape(n, FRAME_SAMPLES)
-    return np.sqrt((frames**2).mean(axis=1))
+    finite = np.isfinite(frames)
+    clean = np.where(finite, frames, 0.0)
+    return np.stack([np.sqrt((clean**2).mean(axis=1)), np.abs(clean).max(axis=1, initial=0.0),
+                     (~finite).sum(axis=1)], axis=1)
+
+
+def stats_of_frames(stats) -> AudioStats:
+    """frame_stats rows -> the AudioStats of their audio."""
+    import numpy as np
+
+    n = len(stats)
+    return AudioStats(samples=n * FRAME_SAMPLES, duration_s=round(n * FRAME_SAMPLES / SAMPLE_RATE, 3),
+                      rms=float(np.sqrt(np.mean(stats[:, 0] ** 2))) if n else 0.0,
+                      peak=float(stats[:, 1].max()) if n else 0.0, non_finite=int(stats[:, 2].sum()) if n else 0)
 
 
 def trailing_silent_frames(rms) -> int:
@@ -1551,7 +1567,7 @@ class Guard:
 
 
 def runaway_guard(text: str, rms, finished: bool) -> Guard:
-    """Issue 13's runaway rule for one chunk, on the RMS of its frames.
+    """The runaway rule for one chunk, on the RMS of its frames.
 
     A chunk that reached its frame budget without EOS, or ends in more than TRAILING_SILENCE_S of
     near-silence, gets that trailing silence cut to a KEEP_PAUSE_FRAMES pause; it is unusable when
@@ -1573,23 +1589,19 @@ def runaway_guard(text: str, rms, finished: bool) -> Guard:
     return Guard(keep, None, note)
 
 
-def judge_chunk(text: str, generated_frames: int, rms) -> str | None:
-    """judge_attempt's rules (README, Retry) on a chunk's frame RMS: None if usable, else the reason."""
-    import numpy as np
-
+def judge_chunk(text: str, generated_frames: int, stats: AudioStats) -> str | None:
+    """The retry rule (docs/design.md) on a chunk's frame count and AudioStats: None if usable, else the reason."""
     if generated_frames < MIN_FRAMES:
         return f"too short: {generated_frames} frames (< {MIN_FRAMES})"
-    if len(rms) == 0:
+    if stats.samples == 0:
         return "nothing to decode"
-    rms = np.asarray(rms, dtype=np.float64)
-    if not np.isfinite(rms).all():
-        return f"non-finite audio in {int((~np.isfinite(rms)).sum())} frames"
-    duration, need = len(rms) / FRAMES_PER_SECOND, min_expected_seconds(text)
-    if duration < need:
-        return f"too short for the text: {duration:.2f} s < {need:.2f} s ({speech_units(text)} words/chars)"
-    overall = float(np.sqrt(np.mean(rms**2)))
-    if overall < SILENCE_RMS:
-        return f"silent: RMS {overall:.2e}"
+    if stats.non_finite:
+        return f"non-finite audio: {stats.non_finite} samples"
+    need = min_expected_seconds(text)
+    if stats.duration_s < need:
+        return f"too short for the text: {stats.duration_s:.2f} s < {need:.2f} s ({speech_units(text)} words/chars)"
+    if stats.rms < SILENCE_RMS:
+        return f"silent: RMS {stats.rms:.2e}"
     return None
 
 
@@ -1614,17 +1626,16 @@ class StreamDecoder:
     follows it, so that a runaway's trailing silence can still be trimmed (`truncate`) unheard.
     """
 
-    def __init__(self, decode, context: int = STREAM_CONTEXT, lookahead: int = STREAM_LOOKAHEAD,
-                 hold_silence: bool = False):
+    def __init__(self, decode, context: int | None = None, lookahead: int | None = None, hold_silence: bool = False):
         self.decode = decode  # [T, C] long codes -> float32 numpy, T * FRAME_SAMPLES samples
-        self.context = context
-        self.lookahead = lookahead
+        self.context = STREAM_CONTEXT if context is None else context
+        self.lookahead = STREAM_LOOKAHEAD if lookahead is None else lookahead
         self.hold_silence = hold_silence
         self.codes = None  # [T, C] every aligned frame so far
         self.ready = 0  # frames [0, ready) are decoded for good; [emitted, ready) wait in self.pending
         self.emitted = 0
         self.pending = []  # one float32 array per frame
-        self.rms = []  # RMS of frames [0, ready)
+        self.stats = []  # frame_stats rows of frames [0, ready)
         self.decoded_frames = 0  # frames run through the codec, context included (what streaming costs)
 
     def __len__(self) -> int:
@@ -1649,7 +1660,7 @@ class StreamDecoder:
         self.codes = self.codes[:n]
         keep = max(min(self.ready, n - self.lookahead), self.emitted)
         del self.pending[keep - self.emitted:]
-        del self.rms[keep:]
+        del self.stats[keep:]
         self.ready = keep
 
     def _window(self, end: int):
@@ -1671,25 +1682,25 @@ class StreamDecoder:
         if end > self.ready:
             frames = self._window(end)
             self.pending += list(frames)
-            self.rms += list(np.sqrt((frames.astype(np.float64) ** 2).mean(axis=1)))
+            self.stats += list(frame_stats(frames.reshape(-1)))
             self.ready = end
         out = len(self.pending)
         if self.hold_silence and not final:
-            while out > 0 and self.rms[self.emitted + out - 1] < NEAR_SILENCE_RMS:
+            while out > 0 and self.stats[self.emitted + out - 1][0] < NEAR_SILENCE_RMS:
                 out -= 1
         piece = np.concatenate(self.pending[:out]) if out else np.zeros(0, dtype=np.float32)
         del self.pending[:out]
         self.emitted += out
         return piece
 
-    def frame_rms_from(self, start: int):
-        """RMS of frames start.. as they sound if the codes end here: a chunk's frames at its end, for the
-        runaway and retry rules (the last `lookahead` frames decoded without the frames that will follow)."""
+    def frame_stats_from(self, start: int):
+        """frame_stats of frames start.. as they sound if the codes end here: a chunk's frames at its end, for
+        the runaway and retry rules (the last `lookahead` frames decoded without the frames that will follow)."""
         import numpy as np
 
         tail = self._window(len(self)) if len(self) > self.ready else np.zeros((0, FRAME_SAMPLES), np.float32)
-        return np.concatenate([np.asarray(self.rms[start:], dtype=np.float64),
-                               np.sqrt((tail.astype(np.float64) ** 2).mean(axis=1))])
+        return np.concatenate([np.asarray(self.stats[start:], dtype=np.float64).reshape(-1, 3),
+                               frame_stats(tail.reshape(-1))])
 
 
 class AlignedReader:
@@ -1737,17 +1748,18 @@ class ChunkResult:
     guard: str  # what the runaway guard did ("" when nothing)
     prompt_tokens: int
     attempts: list = field(default_factory=list)  # one Attempt each
-    timings: dict = field(default_factory=dict)  # prefill_s, decode_s, decode_steps, audio_decode_s, wall_s
+    timings: dict = field(default_factory=dict)  # of the attempt kept: prefill_s, decode_s, decode_steps, ...
 
 
 @dataclass
 class SpeechResult:
     chunks: list  # ChunkResult per chunk
-    codes: object  # [T, C] aligned codes of the whole text: the audio is their one decode
+    codes: torch.Tensor  # [T, C] aligned codes of the whole text: the audio is their one decode
     samples: int
     streamed: bool
-    time_to_first_audio_s: float | None
-    total_s: float
+    time_to_first_audio_s: float | None  # from the call to the first piece handed out
+    total_s: float  # the whole call
+    generate_s: float  # prefill + decode of every attempt (what the real-time factor counts)
     decode_modes: list = field(default_factory=list)
 
     @property
@@ -1756,7 +1768,7 @@ class SpeechResult:
 
 
 def _speak(engine, chunks: list[str], params: SamplingParams, seed: int, retries: int, scene, ref_codes, ref_text,
-           context_chunks: int, stream: bool, log, progress: bool):
+           context_chunks: int, stream: bool, log, progress: bool, check=None):
     """The chunk loop behind speak(): a generator of float32 pieces; returns a SpeechResult."""
     import numpy as np
     import torch
@@ -1768,8 +1780,9 @@ def _speak(engine, chunks: list[str], params: SamplingParams, seed: int, retries
     done: list[ChunkResult] = []
     kept_codes: list = []  # aligned codes of each chunk, as kept
     first_audio = None
+    generate_s = 0.0
     min_cache = 0
-    modes = []
+    modes = set()
     many = len(chunks) > 1
     for k, text in enumerate(chunks):
         t_chunk = time.perf_counter()
@@ -1784,6 +1797,9 @@ def _speak(engine, chunks: list[str], params: SamplingParams, seed: int, retries
         budget = chunk_frame_budget(text, params.max_new_tokens, num_cb)
         base = chunk_seed(seed, k, retries)
         start = sum(c.shape[0] for c in kept_codes)
+        if many:
+            log(f"{label}{cut(text, 60)!r} ({chunk_cost(text):g} words, {len(turns) + (ref_codes is not None)} "
+                f"earlier audio turns, {len(prompt.input_ids)} prompt tokens)")
         attempts, best = [], None
         for a in range(retries + 1):
             attempt_seed = base + a
@@ -1802,25 +1818,29 @@ def _speak(engine, chunks: list[str], params: SamplingParams, seed: int, retries
                     if piece.size:
                         if first_audio is None:
                             first_audio = time.perf_counter() - t_start
-                            log(f"{label}first audio after {first_audio:.2f} s")
+                            log(f"{label}time to first audio: {first_audio:.2f} s")
                         yield piece
             gen = gens[0]
-            modes.append(timings.decode_mode)
+            modes.add(timings.decode_mode)
+            generate_s += timings.prefill_s + timings.decode_s
             aligned = usable_prefix(revert_delay_pattern(gen.codes), bos)
             t_dec = time.perf_counter()
+            audio = None
             if decoder is not None:
                 decoder.append(aligned[reader.frames:])
-                rms = decoder.frame_rms_from(start)
+                stats = decoder.frame_stats_from(start)
             else:
                 audio = engine.decode_audio(aligned) if aligned.shape[0] else np.zeros(0, np.float32)
-                rms = frame_rms(audio)
-            guard = runaway_guard(text, rms, gen.finished)
-            reason = guard.reason or judge_chunk(text, int(gen.codes.shape[0]), rms[:guard.keep])
-            audio_decode_s = time.perf_counter() - t_dec
-            attempts.append(asdict(Attempt(seed=attempt_seed, frames=int(gen.codes.shape[0]), finished=gen.finished,
-                                            outcome=reason or "ok")))
-            timing = {"prefill_s": round(timings.prefill_s, 4), "decode_s": round(timings.decode_s, 4),
-                      "decode_steps": timings.decode_steps, "audio_decode_s": round(audio_decode_s, 4)}
+                stats = frame_stats(audio)
+            guard = runaway_guard(text, stats[:, 0], gen.finished)
+            kept_stats = stats_of_frames(stats[:guard.keep])
+            reason = guard.reason or judge_chunk(text, int(gen.codes.shape[0]), kept_stats)
+            checked = None
+            if reason is None and check is not None and audio is not None:
+                reason, checked = check(text, audio[:guard.keep * FRAME_SAMPLES])
+            timing = replace(timings, audio_decode_s=time.perf_counter() - t_dec)
+            attempts.append(Attempt(seed=attempt_seed, frames=int(gen.codes.shape[0]), finished=gen.finished,
+                                    outcome=reason or "ok", stats=kept_stats, asr=checked))
             candidate = (reason is None, guard.keep, aligned[:guard.keep], gen, guard, reason, timing, attempt_seed)
             # --stream keeps the attempt the decoder holds (the last); otherwise the best: usable, then longest
             if best is None or decoder is not None or candidate[:2] > best[:2]:
@@ -1828,15 +1848,15 @@ def _speak(engine, chunks: list[str], params: SamplingParams, seed: int, retries
             if guard.note:
                 log(f"{label}attempt {a + 1} (seed {attempt_seed}): runaway guard: {guard.note}")
             if reason is None:
-                log(f"{label}attempt {a + 1} (seed {attempt_seed}): ok, {guard.keep} frames")
+                log(f"{label}attempt {a + 1} (seed {attempt_seed}): ok, {guard.keep} frames "
+                    f"({guard.keep / FRAMES_PER_SECOND:.2f} s)")
                 break
             log(f"{label}attempt {a + 1} (seed {attempt_seed}) unusable: {reason}")
-            if decoder is not None:
+            if decoder is not None and a < retries:
                 if not decoder.can_truncate(start):
                     log(f"{label}kept: its audio is out already (--stream cannot take it back)")
                     break
-                if a < retries:
-                    decoder.truncate(start)
+                decoder.truncate(start)
         ok, keep, codes, gen, guard, reason, timing, used_seed = best
         if decoder is not None:
             decoder.truncate(start + keep)
@@ -1845,7 +1865,8 @@ def _speak(engine, chunks: list[str], params: SamplingParams, seed: int, retries
             index=k, text=text, seed=used_seed, start_frame=start, frames=keep,
             generated_frames=int(gen.codes.shape[0]), finished=gen.finished, usable=ok, outcome=reason or "ok",
             guard=guard.note, prompt_tokens=int(len(prompt.input_ids)), attempts=attempts,
-            timings=dict(timing, wall_s=round(time.perf_counter() - t_chunk, 4))))
+            timings={**{k_: round(v, 4) if isinstance(v, float) else v for k_, v in asdict(timing).items()},
+                     "wall_s": round(time.perf_counter() - t_chunk, 4)}))
     codes = torch.cat(kept_codes) if kept_codes else torch.zeros((0, num_cb), dtype=torch.long)
     if decoder is not None:
         tail = decoder.pull(final=True)
@@ -1859,7 +1880,7 @@ def _speak(engine, chunks: list[str], params: SamplingParams, seed: int, retries
         yield tail
     return SpeechResult(chunks=done, codes=codes, samples=samples, streamed=stream,
                         time_to_first_audio_s=first_audio, total_s=time.perf_counter() - t_start,
-                        decode_modes=sorted(set(modes)))
+                        generate_s=generate_s, decode_modes=sorted(modes))
 
 
 class SpeechStream:
@@ -1882,7 +1903,7 @@ class SpeechStream:
 def speak(engine: Engine, text: str, params: SamplingParams | None = None, *, seed: int = 1, retries: int = 3,
           scene: str | None = DEFAULT_SCENE, ref_audio=None, ref_codes=None, ref_text: str | None = None,
           chunk_words: float = CHUNK_WORDS, context_chunks: int = CONTEXT_CHUNKS, stream: bool = True,
-          log=None, progress: bool = False) -> SpeechStream:
+          log=None, progress: bool = False, check=None) -> SpeechStream:
     """Speak `text` (any length) in one voice: the Python API under the CLI and the server.
 
     Iterating the returned SpeechStream yields float32 numpy pieces at 24 kHz (SAMPLE_RATE, mono) whose
@@ -1891,7 +1912,8 @@ def speak(engine: Engine, text: str, params: SamplingParams | None = None, *, se
     from all chunks' codes at once. The options are the CLI's; `ref_audio` is 24 kHz mono float32 (or
     pass `ref_codes` [C, T] from engine.encode_audio). A user mistake raises UserError here, before any
     audio; an engine failure raises from the iteration. Unusable chunks do not raise: see
-    stream.result.chunks[i].usable / .outcome.
+    stream.result.chunks[i].usable / .outcome. `check` (text, audio) -> (reason or None, details), e.g.
+    quality.AsrCheck, is one more retry rule per chunk; not with `stream` (what is heard stays).
     """
     params = params or SamplingParams()
     params.validate()
@@ -1900,9 +1922,11 @@ def speak(engine: Engine, text: str, params: SamplingParams | None = None, *, se
     if not text or not text.strip():
         raise UserError("the text is empty: give the text to speak")
     if chunk_words < 0:
-        raise UserError(f"--chunk_words must be >= 0 (0 = one chunk), got {chunk_words}")
+        raise UserError(f"--chunk_words must be >= 0 (0 = one chunk, however long), got {chunk_words}")
     if context_chunks < 0:
         raise UserError(f"--context_chunks must be >= 0, got {context_chunks}")
+    if stream and check is not None:
+        raise UserError("--asr_check cannot retry a chunk that --stream has already played: drop one of them")
     if params.max_new_tokens < MIN_FRAMES:
         raise UserError(f"--max_new_tokens {params.max_new_tokens}: at least {MIN_FRAMES} frames are needed")
     chunks = split_text(text, chunk_words)
@@ -1918,7 +1942,7 @@ def speak(engine: Engine, text: str, params: SamplingParams | None = None, *, se
         log(f"Text: {len(chunks)} chunks of at most {chunk_words:g} words (a CJK character counts half), "
             f"{context_chunks} context chunks")
     return SpeechStream(_speak(engine, chunks, params, seed, retries, scene, ref_codes, ref_text, context_chunks,
-                               stream, log, progress))
+                               stream, log, progress, check))
 
 
 # --------------------------------------------------------------------------- synthesis
@@ -1931,7 +1955,7 @@ class SpeechRequest:
     text: str
     seed: int
     scene: str | None = DEFAULT_SCENE
-    ref_codes: object = None  # [C, T] codes of a reference voice, or None
+    ref_codes: torch.Tensor | None = None  # [C, T] codes of a reference voice, or None
     ref_text: str | None = None  # transcript of the reference voice
     label: str = ""  # prefixes its log lines, e.g. "line 3: "
 
@@ -1945,6 +1969,7 @@ class Attempt:
     finished: bool
     outcome: str  # "ok" or the reason it was unusable
     stats: AudioStats = field(default_factory=AudioStats)
+    asr: dict | None = None  # --asr_check: transcript, metric, error, max_error (quality.AsrCheck)
 
 
 @dataclass
@@ -1952,8 +1977,8 @@ class Candidate:
     """One attempt's output, kept while it is the best so far."""
 
     generation: Generation
-    aligned: object  # [T, C] codes after the delay revert
-    audio: object  # float32 numpy at 24 kHz, or None when nothing was left to decode
+    aligned: torch.Tensor  # [T, C] codes after the delay revert
+    audio: np.ndarray | None  # float32 numpy at 24 kHz, or None when nothing was left to decode
     timings: Timings
     reason: str | None  # why it is unusable; None = usable
 
@@ -1983,9 +2008,10 @@ class Synthesis:
 
 
 def synthesize(engine: Engine, requests: list[SpeechRequest], params: SamplingParams, retries: int,
-               progress: bool = False, log=None) -> list[Synthesis]:
+               progress: bool = False, log=None, check=None) -> list[Synthesis]:
     """Requests -> one Synthesis each. They decode as one batch; each unusable one is retried with its
-    next seed (seed + 1, seed + 2, ...) together with the others still pending."""
+    next seed (seed + 1, seed + 2, ...) together with the others still pending. `check` (text, audio) ->
+    (reason or None, details), e.g. quality.AsrCheck, is one more rule for attempts judge_attempt passes."""
     log = log or (lambda msg: None)
     prompts = [engine.build_prompt(r.text, r.scene, r.ref_codes, r.ref_text) for r in requests]
     attempts: list[list[Attempt]] = [[] for _ in requests]
@@ -2003,9 +2029,12 @@ def synthesize(engine: Engine, requests: list[SpeechRequest], params: SamplingPa
             aligned = revert_delay_pattern(gen.codes)
             audio = engine.decode_audio(aligned) if aligned.shape[0] > 0 else None
             row_timings = replace(timings, audio_decode_s=time.perf_counter() - t_dec)
-            candidate = Candidate(gen, aligned, audio, row_timings, judge_attempt(request.text, gen.codes, audio))
+            reason, checked = judge_attempt(request.text, gen.codes, audio), None
+            if reason is None and check is not None:
+                reason, checked = check(request.text, audio)
+            candidate = Candidate(gen, aligned, audio, row_timings, reason)
             attempts[i].append(Attempt(seed=gen.seed, frames=int(gen.codes.shape[0]), finished=gen.finished,
-                                       outcome=candidate.reason or "ok", stats=audio_stats(audio)))
+                                       outcome=candidate.reason or "ok", stats=audio_stats(audio), asr=checked))
             if best[i] is None or candidate.better_than(best[i]):
                 best[i] = candidate
             # no EOS: the model was still speaking when the budget ran out, so the end may be cut off
@@ -2147,9 +2176,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(voice, "--ref_audio", default=None, help="reference voice to clone (WAV/FLAC/OGG, any rate)")
     add_flag(voice, "--ref_text", default=None, help="transcript of --ref_audio")
 
+    longform = p.add_argument_group("long text and streaming")
+    add_flag(longform, "--chunk_words", type=int, default=CHUNK_WORDS,
+             help="a longer text is spoken in chunks of at most this many words (a CJK character counts half; "
+                  "about 24 s of speech), cut at sentence ends, then clause ends; 0 = one chunk, however long")
+    add_flag(longform, "--context_chunks", type=int, default=CONTEXT_CHUNKS,
+             help="earlier chunks (text and audio codes) in each chunk's prompt, after the reference voice "
+                  "(without --ref_audio the first chunk is kept too: it fixes the voice)")
+    add_flag(longform, "--stream", action="store_true",
+             help="write audio while it is generated: the WAV grows under a temp name and is renamed when "
+                  "complete; with --output -, raw PCM to stdout as it comes")
+
     output = p.add_argument_group("output")
     add_flag(output, "--output_dir", default="./output_audio", help="folder for WAV + JSON sidecar")
-    add_flag(output, "--output", default=None, help="WAV file name (default output_{seed}.wav)")
+    add_flag(output, "--output", default=None,
+             help="WAV file name (default output_{seed}.wav); - writes raw PCM16 24 kHz mono to stdout for a "
+                  "pipe (| aplay -r 24000 -f S16_LE -c 1), the log goes to stderr, no file is written")
 
     add_model_flags(p.add_argument_group("model and device"),
                     "auto (bf16 on accelerators; fp32 on CPU if it fits); fp32 / bf16 / fp16 work too")
@@ -2157,6 +2199,11 @@ def build_parser() -> argparse.ArgumentParser:
     checks = p.add_argument_group("checks")
     add_flag(checks, "--selftest", action="store_true",
              help="build tiny checkpoints in a temp dir and run the whole pipeline (no download)")
+    add_flag(checks, "--asr_check", nargs="?", const="", default=None, metavar="PATH",
+             help="transcribe each attempt with Whisper (PATH, default ./eval_models/whisper-large-v3: bash "
+                  "download.sh --eval_models) and retry one whose WER/CER is above --asr_max_error")
+    add_flag(checks, "--asr_max_error", type=float, default=quality.ASR_MAX_ERROR,
+             help="with --asr_check: the highest word (or, for Chinese, character) error rate that is usable")
     return p
 
 
@@ -2187,7 +2234,9 @@ def validate_args(args) -> None:
         raise UserError(f"--retries must be >= 0, got {args.retries}")
     if args.ref_text is not None and args.ref_audio is None:
         raise UserError("--ref_text needs --ref_audio")
-    if args.output is not None and (os.sep in args.output or not args.output.endswith(".wav")):
+    if args.output == "-" and args.text_file is not None:
+        raise UserError("--output - writes one text to stdout: give it with --text, not --text_file")
+    if args.output is not None and args.output != "-" and (os.sep in args.output or not args.output.endswith(".wav")):
         raise UserError(f"--output {args.output!r}: give a file name ending in .wav (the folder is --output_dir)")
     if args.output is not None and args.output.startswith("."):
         raise UserError(f"--output {args.output!r}: give the name a stem that does not start with a dot, e.g. "
@@ -2197,6 +2246,14 @@ def validate_args(args) -> None:
         raise UserError(f"--max_new_tokens {args.max_new_tokens}: at least {MIN_FRAMES} frames are needed for "
                         "any audio (the first 9 carry the delay pattern); 25 frames = 1 s")
     check_seed(args.seed, args.retries)
+    if args.chunk_words < 0:
+        raise UserError(f"--chunk_words must be >= 0 (0 = one chunk, however long), got {args.chunk_words}")
+    if args.context_chunks < 0:
+        raise UserError(f"--context_chunks must be >= 0, got {args.context_chunks}")
+    if args.stream and args.asr_check is not None:
+        raise UserError("--asr_check cannot retry a chunk that --stream has already played: drop one of them")
+    if not 0 <= args.asr_max_error < math.inf:
+        raise UserError(f"--asr_max_error must be >= 0 (0.2 = 20 % of the words may differ), got {args.asr_max_error}")
 
 
 def sampling_params(args) -> SamplingParams:
@@ -2279,18 +2336,189 @@ def output_name(args, line_no: int) -> str:
     return args.output or f"output_{args.seed}.wav"
 
 
+def job_units(args, jobs: list[tuple[int, str]]):
+    """Lines in order: a batch (list) of lines that are one chunk each, or one (line_no, text) tuple for a
+    line that speak() takes chunk by chunk (several chunks, --stream, or --output -)."""
+    batch = []
+    for job in jobs:
+        if args.stream or args.output == "-" or len(split_text(job[1], args.chunk_words)) > 1:
+            if batch:
+                yield batch
+                batch = []
+            yield job
+            continue
+        batch.append(job)
+        if len(batch) == args.batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def pcm16_bytes(audio) -> bytes:
+    """float32 audio -> little-endian PCM16, converted by libsndfile exactly as write_wav_atomic's WAV."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(np.nan_to_num(audio), -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16", format="RAW",
+             endian="LITTLE")
+    return buf.getvalue()
+
+
+class AudioTally:
+    """AudioStats of pieces as they go out, without keeping them."""
+
+    def __init__(self):
+        self.samples, self.sum_sq, self.peak, self.non_finite = 0, 0.0, 0.0, 0
+
+    def add(self, piece) -> None:
+        stats = audio_stats(piece)
+        self.samples += stats.samples
+        self.sum_sq += stats.rms**2 * stats.samples
+        self.peak = max(self.peak, stats.peak)
+        self.non_finite += stats.non_finite
+
+    def stats(self) -> AudioStats:
+        return AudioStats(samples=self.samples, duration_s=round(self.samples / SAMPLE_RATE, 3),
+                          rms=math.sqrt(self.sum_sq / self.samples) if self.samples else 0.0, peak=self.peak,
+                          non_finite=self.non_finite)
+
+
+def write_pieces(stream, sink, tally: AudioTally) -> None:
+    """Each piece to `sink` (a binary file: stdout, or a WAV's data) as PCM16, flushed at once."""
+    for piece in stream:
+        tally.add(piece)
+        sink(pcm16_bytes(piece))
+
+
+def report_speech(engine: Engine, result: SpeechResult, stats: AudioStats, log) -> dict:
+    """Log what a speak() run took, and return the sidecar's summary fields."""
+    rtf = result.generate_s / stats.duration_s if stats.duration_s else None
+    frames = int(result.codes.shape[0])
+    log(f"Generated {len(result.chunks)} chunk(s), {frames} frames = {frames / FRAMES_PER_SECOND:.2f} s of audio, "
+        f"in {result.generate_s:.2f} s of generation ({result.total_s:.2f} s in all)")
+    if rtf is not None:
+        log(f"Real-time factor: {rtf:.3f} (generation s / audio s; < 1 is faster than real time)")
+    if result.time_to_first_audio_s is not None:
+        how = "streamed" if result.streamed else "after the whole text (--stream plays it sooner)"
+        log(f"Time to first audio: {result.time_to_first_audio_s:.2f} s ({how})")
+    peak = peak_memory_bytes(engine.device)
+    return {
+        "frames": frames,
+        "duration_s": stats.duration_s,
+        "rms": stats.rms,
+        "peak": stats.peak,
+        "time_to_first_audio_s": None if result.time_to_first_audio_s is None else
+        round(result.time_to_first_audio_s, 4),
+        "timings": {
+            "load_s": round(engine.load_seconds, 3),
+            "total_s": round(result.total_s, 4),
+            "generate_s": round(result.generate_s, 4),
+            "real_time_factor": None if rtf is None else round(rtf, 4),
+            "decode_modes": result.decode_modes,
+            "peak_device_memory_bytes": peak,
+        },
+        "chunks": [asdict(c) for c in result.chunks],
+    }
+
+
+def speak_text(engine: Engine, args, params: SamplingParams, line_no: int, text: str, ref_codes, check,
+               out_dir: Path | None, log) -> bool:
+    """One text through speak(): to stdout (--output -), or to a WAV written as it comes and renamed when
+    complete (its header is right after every piece), and its JSON sidecar. True when every chunk is usable."""
+    import wave
+
+    label = f"line {line_no + 1}: " if args.text_file is not None else ""
+    log(f"{label}Input text: {cut(text)!r}")
+    stream = speak(engine, text, params, seed=args.seed, retries=args.retries, scene=args.scene or None,
+                   ref_codes=ref_codes, ref_text=args.ref_text, chunk_words=args.chunk_words,
+                   context_chunks=args.context_chunks, stream=args.stream, log=lambda m: log(label + m),
+                   progress=sys.stderr.isatty(), check=check)
+    tally = AudioTally()
+    if out_dir is None:  # --output -
+        out = sys.stdout.buffer
+
+        def sink(data: bytes) -> None:
+            out.write(data)
+            out.flush()
+
+        try:
+            write_pieces(stream, sink, tally)
+        except BrokenPipeError:
+            stream.close()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            print("error: the reader of --output - closed the pipe; stopped", file=sys.stderr)
+            return False
+        report_speech(engine, stream.result, tally.stats(), log)
+        return stream.result.usable
+    make_output_dir(out_dir)
+    wav_path = out_dir / output_name(args, line_no)
+    with atomic_output(wav_path) as tmp, open(tmp, "wb") as f, wave.open(f, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+
+        def sink(data: bytes) -> None:
+            w.writeframes(data)  # patches the RIFF and data sizes after each piece
+            f.flush()
+
+        write_pieces(stream, sink, tally)
+    result = stream.result
+    stats = tally.stats()
+    summary = report_speech(engine, result, stats, log)
+    sidecar = {
+        "text": text,
+        "wav": str(wav_path),
+        "sample_rate": SAMPLE_RATE,
+        "seed_requested": args.seed,
+        "seed_used": result.chunks[0].seed if len(result.chunks) == 1 else None,  # per chunk: chunks[i].seed
+        "usable": result.usable,
+        "parameters": {
+            **asdict(params), "scene": args.scene, "retries": args.retries, "ref_audio": args.ref_audio,
+            "ref_text": args.ref_text, "chunk_words": args.chunk_words, "context_chunks": args.context_chunks,
+            "stream": args.stream, "device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
+            "model_path": str(args.model_path), "tokenizer_path": str(args.tokenizer_path),
+        },
+        "stream_window": {"context_frames": STREAM_CONTEXT, "lookahead_frames": STREAM_LOOKAHEAD} if args.stream
+        else None,
+        **summary,
+    }
+    write_json_atomic(wav_path.with_suffix(".json"), sidecar)
+    if result.usable:
+        log(f"{label}Saved: {wav_path}")
+    else:
+        bad = [c for c in result.chunks if not c.usable]
+        log(f"{label}Saved with {len(bad)} unusable chunk(s): {wav_path}")
+        print(f"error: chunk {bad[0].index + 1} of {cut(text, 40)!r} was unusable ({bad[0].outcome}); "
+              f"see {wav_path.with_suffix('.json')}", file=sys.stderr)
+    return result.usable
+
+
 def run(args, log) -> int:
     validate_args(args)
     texts = read_texts(args)
     params = sampling_params(args)
-    out_dir = prepare_output_dir(args.output_dir)
+    to_stdout = args.output == "-"
+    out_dir = None if to_stdout else prepare_output_dir(args.output_dir)
     jobs = [(i, t) for i, t in enumerate(texts) if t]
-    check_output_names(out_dir, [output_name(args, i) for i, _ in jobs],
-                       "--output" if args.output and args.text_file is None else "--output_dir")
+    if not to_stdout:
+        check_output_names(out_dir, [output_name(args, i) for i, _ in jobs],
+                           "--output" if args.output and args.text_file is None else "--output_dir")
     ref_audio = load_reference_audio(args.ref_audio) if args.ref_audio else None
+    asr_path = None
+    if args.asr_check is not None:  # the Whisper folder is checked before the long engine load
+        asr_path = quality.check_model_folder(
+            "whisper", quality.find_model(args.asr_check, quality.DEFAULT_ASR_MODEL, "whisper"), "--asr_check")
 
     engine = load_engine(args.model_path, args.tokenizer_path, args.device, args.dtype, log=log, graph=args.graph)
     log(f"Model: {engine.num_params / 1e9:.3f} B parameters, loaded in {engine.load_seconds:.1f}s")
+    check = None
+    if asr_path is not None:
+        check = quality.AsrCheck(quality.Transcriber(asr_path, engine.device, flag="--asr_check"), args.asr_max_error)
+        log(f"ASR check: Whisper from {asr_path}; an attempt above {args.asr_max_error:.0%} WER/CER is retried")
     if ref_audio is not None and ref_audio.size < engine.min_audio_samples():
         need = engine.min_audio_samples()
         raise UserError(f"--ref_audio {args.ref_audio}: {ref_audio.size / SAMPLE_RATE * 1000:.1f} ms of audio is "
@@ -2304,14 +2532,17 @@ def run(args, log) -> int:
         f"ras={params.ras_win_len}/{params.ras_win_max_num_repeat} retries={args.retries}")
 
     failures = 0
-    for start in range(0, len(jobs), args.batch_size):
-        chunk = jobs[start:start + args.batch_size]
+    for chunk in job_units(args, jobs):
+        if isinstance(chunk, tuple):  # a text of several chunks, --stream or --output -: chunk by chunk (speak)
+            failures += not speak_text(engine, args, params, *chunk, ref_codes, check, out_dir, log)
+            continue
         requests = [SpeechRequest(text, args.seed, args.scene or None, ref_codes, args.ref_text,
                                   label=f"line {line_no + 1}: " if args.text_file is not None else "")
                     for line_no, text in chunk]
         for request in requests:
             log(f"{request.label}Input text: {cut(request.text)!r}")
-        results = synthesize(engine, requests, params, args.retries, progress=sys.stderr.isatty(), log=log)
+        results = synthesize(engine, requests, params, args.retries, progress=sys.stderr.isatty(), log=log,
+                             check=check)
         make_output_dir(out_dir)  # only now: a run that fails before its first file leaves no empty folder
         for (line_no, text), result in zip(chunk, results):
             best = result.best
@@ -2336,6 +2567,10 @@ def run(args, log) -> int:
                 "attempts": [asdict(a) for a in result.attempts],
                 **summary,
             }
+            if check is not None:  # what Whisper heard in the attempt kept
+                kept = next(a for a in result.attempts if a.seed == best.generation.seed)
+                sidecar["asr_check"] = {"model": str(asr_path), **(kept.asr or {"transcript": None, "error": None,
+                                        "note": f"not transcribed: {kept.outcome}"})}
             write_json_atomic(wav_path.with_suffix(".json"), sidecar)
             if result.usable:
                 log(f"Saved: {wav_path}")
@@ -2413,6 +2648,11 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def log_to_stderr(msg: str) -> None:
+    """The log when stdout carries audio (--output -)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
 def run_cli(body, interrupted_note: str = "no partial output was left") -> int:
     """Every script's top level: a user mistake is one stderr line (exit 2), Ctrl-C exits 130."""
     try:
@@ -2430,7 +2670,7 @@ def main(argv=None) -> int:
 
     def body() -> int:
         if not args.selftest:
-            return run(args, log)
+            return run(args, log_to_stderr if args.output == "-" else log)
         try:
             return selftest(args, log)
         except AssertionError as e:

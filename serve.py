@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 import inference
@@ -70,19 +70,18 @@ def writable_formats() -> list[str]:
 
 
 def encode_audio(audio, fmt: str) -> bytes:
-    """float32 waveform -> bytes of `fmt`. Converted to 16 bits once, by libsndfile's WAV path (so the WAV
-    is the CLI's, byte for byte); flac and pcm then hold exactly the WAV's samples (libsndfile's own FLAC
-    float conversion rounds differently)."""
+    """float32 waveform -> bytes of `fmt`. Converted to 16 bits once, as the CLI's WAV (so the WAV is the
+    CLI's, byte for byte); flac and pcm then hold exactly the WAV's samples (libsndfile's own FLAC float
+    conversion rounds differently)."""
     import numpy as np
     import soundfile as sf
 
-    buf = io.BytesIO()
-    sf.write(buf, np.clip(np.nan_to_num(audio), -1.0, 1.0), SAMPLE_RATE, format="RAW", subtype="PCM_16")
+    pcm = inference.pcm16_bytes(audio)  # the CLI's conversion (clipped, NaN -> 0)
     if fmt == "pcm":
-        return buf.getvalue()
+        return pcm
     container, subtype, _ = FORMATS[fmt]
     out = io.BytesIO()
-    sf.write(out, np.frombuffer(buf.getvalue(), dtype="<i2"), SAMPLE_RATE, format=container, subtype=subtype)
+    sf.write(out, np.frombuffer(pcm, dtype="<i2"), SAMPLE_RATE, format=container, subtype=subtype)
     return out.getvalue()
 
 
@@ -150,8 +149,13 @@ class Job:
     deadline: float
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     state: str = "queued"  # queued -> running -> done | cancelled
-    engine: str = ""
+    serial: int = 0  # names the job to its engine process (cancelling a streamed one)
+    engine: object = None  # the EngineProc running it
     batch_size: int = 0
+
+    @property
+    def engine_label(self) -> str:
+        return self.engine.label if self.engine is not None else "-"
 
 
 @dataclass
@@ -169,26 +173,21 @@ class Call:
     completed: bool = False  # a streamed body was sent to its end
 
 
-def tracked_stream_class():
-    from starlette.responses import StreamingResponse
+class TrackedStream(StreamingResponse):
+    """A streamed answer that reports its end once, however it ends (done, error, client gone)."""
 
-    class TrackedStream(StreamingResponse):
-        """A streamed answer that reports its end once, however it ends (done, error, client gone)."""
+    def __init__(self, content, on_close, call: Call, **kw):
+        super().__init__(content, **kw)
+        self.on_close, self.call = on_close, call
 
-        def __init__(self, content, on_close, call: Call, **kw):
-            super().__init__(content, **kw)
-            self.on_close, self.call = on_close, call
-
-        async def __call__(self, scope, receive, send):
-            try:
-                await super().__call__(scope, receive, send)
-            finally:
-                await self.body_iterator.aclose()  # the generator's own cleanup, even if it never started
-                if not self.call.completed:
-                    self.call.status = 499 if self.call.status == 200 else self.call.status
-                self.on_close(self.call)
-
-    return TrackedStream
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # the generator's own cleanup, even if it never started
+            if not self.call.completed and self.call.status == 200:
+                self.call.status = 499  # the client hung up before the end
+            self.on_close(self.call)
 
 
 def parse_request(body: bytes, opts, voices: dict, formats: list[str]) -> tuple[SpeechBody, dict, tuple]:
@@ -248,10 +247,15 @@ def parse_request(body: bytes, opts, voices: dict, formats: list[str]) -> tuple[
                        param="max_new_tokens", code="invalid_value")
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     voice = None if req.voice == DEFAULT_VOICE else req.voice
+    # as the CLI: a text of one chunk, not streamed, is decoded in a batch with others (synthesize); a
+    # longer text, or a stream of pcm / wav, goes through speak() alone (chunk by chunk, pieces as they come)
+    stream = req.stream_format == "sse" or (req.stream_format == "audio" and fmt in ("pcm", "wav"))
+    alone = stream or len(inference.split_text(req.input, opts.chunk_words)) > 1
     spec = {"text": req.input, "scene": inference.DEFAULT_SCENE if req.scene is None else (req.scene or None),
-            "voice": voice, "seed": seed, "params": asdict(params), "format": fmt}
+            "voice": voice, "seed": seed, "params": asdict(params), "format": fmt, "speak": alone, "stream": stream}
     # one batch shares its sampling settings and budget; rows with and without a reference voice cannot mix
-    key = (voice is not None, params.temperature, params.top_k, params.top_p, params.max_new_tokens)
+    key = ("alone", secrets.token_hex(8)) if alone else \
+        (voice is not None, params.temperature, params.top_k, params.top_p, params.max_new_tokens)
     return req, spec, key
 
 
@@ -270,10 +274,12 @@ def read_voices(voices_dir: str | None) -> dict:
     voices = {}
     for wav in sorted(folder.glob("*.wav")):
         name = wav.stem
-        if not VOICE_NAME.match(name) or name == DEFAULT_VOICE:
-            why = "is reserved for the model's own voice" if name == DEFAULT_VOICE else \
-                "must be letters, digits, '_', '.', '-' (64 at most)"
-            raise UserError(f"--voices_dir {folder}: voice name {name!r} {why}; rename {wav.name}")
+        if name == DEFAULT_VOICE:
+            raise UserError(f"--voices_dir {folder}: {wav.name}: 'default' is the model's own voice (no reference "
+                            "audio); rename the file")
+        if not VOICE_NAME.match(name):
+            raise UserError(f"--voices_dir {folder}: {wav.name}: a voice name takes letters, digits, '_', '.' and "
+                            "'-' (a letter or digit first, 64 at most); rename the file")
         try:
             frames = sf.info(str(wav)).frames
         except Exception as e:  # soundfile raises its own error types
@@ -312,8 +318,8 @@ def parse_devices(spec: str) -> list[str]:
         if device.type != "cpu":
             count = torch.npu.device_count() if device.type == "npu" else torch.cuda.device_count()
             if device.index >= count:
-                raise UserError(f"--device {part.strip()}: there are {count} {device.type.upper()} devices "
-                                f"(0..{count - 1})")
+                raise UserError(f"--device {part.strip()}: no such device; this host has {count} "
+                                f"{device.type.upper()} devices (0 to {count - 1})")
         devices.append(str(device))
     return devices
 
@@ -321,7 +327,7 @@ def parse_devices(spec: str) -> list[str]:
 # --------------------------------------------------------------------------- engine process
 
 
-def engine_main(index: int, device: str, opts: dict, voices: dict, jobs, results) -> None:
+def engine_main(index: int, device: str, opts: dict, voices: dict, jobs, results, cancel) -> None:
     """One engine process: load, encode the voices, then run the batches it is sent until None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server; the server stops us
     label = f"{device}#{index}"
@@ -361,7 +367,10 @@ def engine_main(index: int, device: str, opts: dict, voices: dict, jobs, results
         f"{len(refs)} voices encoded")
     send("ready", {"device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", "")})
     while (batch := jobs.get()) is not None:
-        run_batch(engine, refs, opts["retries"], batch, send)
+        if batch[0]["speak"]:
+            run_speak(engine, refs, opts, batch[0], send, cancel, say)
+        else:
+            run_batch(engine, refs, opts["retries"], batch, send)
 
 
 def run_batch(engine, refs: dict, retries: int, specs: list[dict], send) -> None:
@@ -371,21 +380,18 @@ def run_batch(engine, refs: dict, retries: int, specs: list[dict], send) -> None
     import numpy as np
 
     t0 = time.perf_counter()
-    stats = {"rows": len(specs), "frames": 0, "decode_steps": 0, "decode_s": 0.0}
+    stats = {"frames": 0, "decode_steps": 0, "decode_s": 0.0}
     requests = []
     for s in specs:
         ref_codes, ref_text = refs[s["voice"]] if s["voice"] else (None, None)
-        requests.append(inference.SpeechRequest(text=s["text"], seed=specs[0]["seed"], scene=s["scene"],
+        requests.append(inference.SpeechRequest(text=s["text"], seed=s["seed"], scene=s["scene"],
                                                 ref_codes=ref_codes, ref_text=ref_text))
     try:
         results = inference.synthesize(engine, requests, inference.SamplingParams(**specs[0]["params"]), retries)
     except UserError as e:
         return finish_batch(specs, ("error", 400, str(e)), stats, t0, send)
     except Exception as e:  # noqa: BLE001  an engine bug fails this batch only; the traceback goes to the log
-        traceback.print_exc()
-        first = str(e).splitlines()[0] if str(e) else ""
-        return finish_batch(specs, ("error", 500, f"engine error: {type(e).__name__}: {first}"[:300]), stats, t0,
-                            send)
+        return finish_batch(specs, engine_error(e), stats, t0, send)
     for spec, result in zip(specs, results):
         best = result.best
         frames = int(best.generation.codes.shape[0])
@@ -393,10 +399,54 @@ def run_batch(engine, refs: dict, retries: int, specs: list[dict], send) -> None
         stats["decode_steps"], stats["decode_s"] = best.timings.decode_steps, best.timings.decode_s  # the batch's
         audio = best.audio if best.audio is not None else np.zeros(0, dtype=np.float32)
         send("audio", spec["id"], audio)
-        send("done", spec["id"], {"frames": frames, "seed": best.generation.seed, "finished": best.generation.finished,
-                                  "outcome": best.reason or "ok", "attempts": len(result.attempts),
+        send("done", spec["id"], {"frames": frames, "samples": int(audio.size), "seed": best.generation.seed,
+                                  "outcome": best.reason or "ok", "attempts": len(result.attempts), "chunks": 1,
                                   "prompt_tokens": result.prompt_tokens, "batch_size": len(specs)})
     finish_batch(specs, None, stats, t0, send)
+
+
+def run_speak(engine, refs: dict, opts: dict, spec: dict, send, cancel, say) -> None:
+    """One request alone through inference.speak: a long text chunk by chunk, its pieces sent as they come
+    (stream) or once at the end. Stops at the next host sync when the server cancels it (client gone,
+    timeout): `cancel` then holds this job's serial."""
+    t0 = time.perf_counter()
+    stats = {"frames": 0, "decode_steps": 0, "decode_s": 0.0}
+    ref_codes, ref_text = refs[spec["voice"]] if spec["voice"] else (None, None)
+    pieces = 0
+    try:
+        speech = inference.speak(engine, spec["text"], inference.SamplingParams(**spec["params"]), seed=spec["seed"],
+                                 retries=opts["retries"], scene=spec["scene"], ref_codes=ref_codes, ref_text=ref_text,
+                                 chunk_words=opts["chunk_words"], context_chunks=opts["context_chunks"],
+                                 stream=spec["stream"])
+        for piece in speech:
+            send("audio", spec["id"], piece)
+            pieces += 1
+            if cancel.value == spec["serial"]:
+                speech.close()
+                say(f"request {spec['id']} cancelled after {pieces} pieces (client gone or timed out)")
+                return finish_batch([spec], ("error", 499, "cancelled"), stats, t0, send)
+    except UserError as e:
+        return finish_batch([spec], ("error", 400, str(e)), stats, t0, send)
+    except Exception as e:  # noqa: BLE001  as in run_batch: this request fails, the engine goes on
+        return finish_batch([spec], engine_error(e), stats, t0, send)
+    result = speech.result
+    chunks = result.chunks
+    stats["frames"] = sum(a.frames for c in chunks for a in c.attempts)
+    stats["decode_steps"] = sum(c.timings.get("decode_steps", 0) for c in chunks)
+    stats["decode_s"] = sum(c.timings.get("decode_s", 0.0) for c in chunks)
+    bad = [f"chunk {c.index + 1}: {c.outcome}" if len(chunks) > 1 else c.outcome for c in chunks if not c.usable]
+    send("done", spec["id"], {"frames": sum(c.generated_frames for c in chunks), "samples": result.samples,
+                              "seed": spec["seed"], "outcome": "; ".join(bad) or "ok",
+                              "attempts": sum(len(c.attempts) for c in chunks), "chunks": len(chunks),
+                              "prompt_tokens": sum(c.prompt_tokens for c in chunks), "batch_size": 1})
+    finish_batch([spec], None, stats, t0, send)
+
+
+def engine_error(e: Exception) -> tuple:
+    """The log gets the traceback; the answer one line (500)."""
+    traceback.print_exc()
+    first = str(e).splitlines()[0] if str(e) else ""
+    return "error", 500, f"engine error: {type(e).__name__}: {first}"[:300]
 
 
 def finish_batch(specs, error, stats: dict, t0: float, send) -> None:
@@ -416,8 +466,10 @@ class EngineProc:
     device: str
     process: object
     jobs: object  # multiprocessing queue of batches
+    cancel: object  # multiprocessing Value: the serial of a streamed job to stop
     state: str = "loading"  # loading -> ready -> dead
-    running: dict = field(default_factory=dict)  # job id -> Job
+    busy: bool = False  # from a batch's dispatch to its "batch_done" (its rows' "done" come before that)
+    running: dict = field(default_factory=dict)  # job id -> Job, the rows of its batch still to answer
 
     @property
     def label(self) -> str:
@@ -434,6 +486,7 @@ class Scheduler:
         self.queue: list[Job] = []
         self.engines: list[EngineProc] = []
         self.next_engine = 0
+        self.serials = 0
         self.batch_seconds = None  # moving average, for Retry-After
         self.stopping = False
         self.loop = None
@@ -444,16 +497,18 @@ class Scheduler:
         ctx = multiprocessing.get_context("spawn")  # no fork: torch, NPU and CUDA runtimes do not survive it
         self.results = ctx.Queue()
         cpus = sum(d == "cpu" for d in self.devices)
-        threads = max(1, (os.cpu_count() or 1) // cpus) if cpus > 1 else 0  # CPU engines share the cores
+        # CPU engines share the cores (unless OMP_NUM_THREADS says how many each takes)
+        threads = max(1, (os.cpu_count() or 1) // cpus) if cpus > 1 and "OMP_NUM_THREADS" not in os.environ else 0
         opts = {"model_path": self.opts.model_path, "tokenizer_path": self.opts.tokenizer_path,
                 "dtype": self.opts.dtype, "graph": self.opts.graph, "max_batch_size": self.opts.max_batch_size,
-                "max_new_tokens": self.opts.max_new_tokens, "retries": self.opts.retries, "threads": threads}
+                "max_new_tokens": self.opts.max_new_tokens, "retries": self.opts.retries, "threads": threads,
+                "chunk_words": self.opts.chunk_words, "context_chunks": self.opts.context_chunks}
         for index, device in enumerate(self.devices):
-            jobs = ctx.Queue()
-            proc = ctx.Process(target=engine_main, args=(index, device, opts, self.voices, jobs, self.results),
+            jobs, cancel = ctx.Queue(), ctx.Value("q", -1, lock=False)
+            proc = ctx.Process(target=engine_main, args=(index, device, opts, self.voices, jobs, self.results, cancel),
                                name=f"higgs-engine-{device}-{index}", daemon=True)
             proc.start()
-            self.engines.append(EngineProc(index, device, proc, jobs))
+            self.engines.append(EngineProc(index, device, proc, jobs, cancel))
             threading.Thread(target=self._watch, args=(self.engines[-1],), daemon=True).start()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -507,15 +562,20 @@ class Scheduler:
             raise ApiError(429, f"the server is busy: {len(self.queue)} requests are waiting (--max_queue "
                            f"{self.opts.max_queue}); retry later", "rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(self.retry_after())})
+        self.serials += 1
+        job.serial = self.serials
         self.queue.append(job)
         self.metrics.queue_depth.set(len(self.queue))
         self._dispatch()
 
     def cancel(self, job: Job) -> None:
-        """The client left or timed out: a queued request gives up its place; a running row's result is dropped."""
+        """The client left or timed out: a queued request gives up its place; a streamed one running alone
+        stops at its engine's next host sync; a row of a batch runs on, and its result is dropped."""
         if job.state == "queued" and job in self.queue:
             self.queue.remove(job)
             self.metrics.queue_depth.set(len(self.queue))
+        if job.state == "running" and job.spec["speak"] and job.id in job.engine.running:
+            job.engine.cancel.value = job.serial
         if job.state != "done":
             job.state = "cancelled"
 
@@ -525,15 +585,16 @@ class Scheduler:
             if not self.queue:
                 break
             engine = self.engines[(self.next_engine + k) % n]
-            if engine.state != "ready" or engine.running:
+            if engine.state != "ready" or engine.busy:
                 continue
             head = self.queue[0]
             batch = [j for j in self.queue if j.key == head.key][: self.opts.max_batch_size]
             for job in batch:
                 self.queue.remove(job)
-                job.state, job.engine, job.batch_size = "running", engine.label, len(batch)
+                job.state, job.engine, job.batch_size = "running", engine, len(batch)
                 engine.running[job.id] = job
-            engine.jobs.put([dict(j.spec, id=j.id) for j in batch])
+            engine.busy = True
+            engine.jobs.put([dict(j.spec, id=j.id, serial=j.serial) for j in batch])
             self.metrics.batch_size.observe(len(batch))
             self.next_engine = (self.next_engine + k + 1) % n  # spread batches over the engines
         self.metrics.queue_depth.set(len(self.queue))
@@ -561,7 +622,7 @@ class Scheduler:
             stats = payload[0]
             for job in engine.running.values():  # nothing may wait forever on a row the engine forgot
                 job.events.put_nowait(("error", 500, "engine error: the batch ended without this row"))
-            engine.running = {}
+            engine.running, engine.busy = {}, False
             self.metrics.frames.inc(stats["frames"])
             if stats["decode_s"] > 0:
                 self.metrics.frames_per_s.labels(engine.label).set(stats["decode_steps"] / stats["decode_s"])
@@ -576,7 +637,7 @@ class Scheduler:
         for job in engine.running.values():
             job.events.put_nowait(("error", 500, f"engine error: the engine process on {engine.device} exited "
                                                  f"(code {code})"))
-        engine.running = {}
+        engine.running, engine.busy = {}, False
         if was == "loading":
             self.on_fatal(1, f"the engine process on {engine.device} exited while loading (code {code}); "
                              "its traceback is above")
@@ -620,7 +681,6 @@ def build_app(opts, devices: list[str], voices: dict, formats: list[str], on_fat
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.exceptions import HTTPException
 
-    TrackedStream = tracked_stream_class()
     metrics = Metrics(opts.max_batch_size)
     scheduler = Scheduler(opts, devices, voices, metrics, on_fatal)
     started = int(time.time())
@@ -704,7 +764,7 @@ def build_app(opts, devices: list[str], voices: dict, formats: list[str], on_fat
             metrics.running.inc()
             first = await next_event(job, request)
             call.ttfa = time.monotonic() - call.t0
-            headers = {"X-Request-Id": call.id, "X-Higgs-Seed": str(spec["seed"]), "X-Higgs-Engine": job.engine,
+            headers = {"X-Request-Id": call.id, "X-Higgs-Seed": str(spec["seed"]), "X-Higgs-Engine": job.engine_label,
                        "X-Higgs-Batch-Size": str(job.batch_size)}
             if req.stream_format is not None:
                 media = "text/event-stream" if req.stream_format == "sse" else FORMATS[spec["format"]][2]
@@ -714,8 +774,8 @@ def build_app(opts, devices: list[str], voices: dict, formats: list[str], on_fat
             audio, done = await collect(job, first, request)
             call.frames = done["frames"]
             headers.update({"X-Higgs-Frames": str(done["frames"]), "X-Higgs-Attempts": str(done["attempts"]),
-                            "X-Higgs-Outcome": ascii_header(done["outcome"])})
-            body = encode_audio(audio, spec["format"])
+                            "X-Higgs-Chunks": str(done["chunks"]), "X-Higgs-Outcome": ascii_header(done["outcome"])})
+            body = await asyncio.to_thread(encode_audio, audio, spec["format"])  # mp3 of minutes takes a while
             call.status = 200
             return Response(body, media_type=FORMATS[spec["format"]][2], headers=headers)
         except ApiError as e:
@@ -742,7 +802,7 @@ def build_app(opts, devices: list[str], voices: dict, formats: list[str], on_fat
         log.info(f"request {call.id} status={call.status} chars={call.chars} frames={call.frames} "
                  f"ttfa_ms={'-' if call.ttfa is None else round(call.ttfa * 1000)} "
                  f"total_ms={round(total * 1000)} batch={job.batch_size if job else '-'} "
-                 f"engine={(job.engine or '-') if job else '-'}")
+                 f"engine={job.engine_label if job else '-'}")
 
     async def next_event(job: Job, request=None):
         """The engine's next message for `job`: ApiError 504 past the deadline; ClientGone if `request`'s
@@ -793,7 +853,7 @@ def build_app(opts, devices: list[str], voices: dict, formats: list[str], on_fat
         try:
             if stream_format == "audio" and fmt not in ("pcm", "wav"):
                 audio, done = await collect(job, first)
-                data = encode_audio(audio, fmt)
+                data = await asyncio.to_thread(encode_audio, audio, fmt)
                 for start in range(0, len(data), 64 * 1024):
                     yield data[start:start + 64 * 1024]
             else:
@@ -813,8 +873,8 @@ def build_app(opts, devices: list[str], voices: dict, formats: list[str], on_fat
             if stream_format == "sse":
                 usage = {"input_tokens": done["prompt_tokens"], "output_tokens": done["frames"],
                          "total_tokens": done["prompt_tokens"] + done["frames"]}
-                yield sse({"type": "speech.audio.done", "usage": usage, "seed": done["seed"],
-                           "frames": done["frames"], "outcome": done["outcome"], "batch_size": done["batch_size"]})
+                yield sse({"type": "speech.audio.done", "usage": usage,
+                           **{k: done[k] for k in ("seed", "frames", "samples", "chunks", "outcome", "batch_size")}})
         except ApiError as e:
             call.status = e.status
             if stream_format != "sse":
@@ -847,45 +907,59 @@ def ascii_header(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    add = inference.add_flag
     p = argparse.ArgumentParser(description="OpenAI-compatible speech server for Higgs Audio V2 (docs/serve.md).",
                                 formatter_class=inference.HelpFormatter)
-    p.add_argument("--model_path", default="./model_cache", help="generation model folder (transformers-native)")
-    p.add_argument("--tokenizer_path", default="./tokenizer_cache", help="audio tokenizer folder")
-    p.add_argument("--device", default="auto",
-                   help="auto, cpu, npu:0, cuda:0, a comma list (npu:0,npu:1 or cpu,cpu: one engine process each), "
-                        "or all (every NPU, else every CUDA GPU)")
-    p.add_argument("--dtype", default="auto", help="as inference.py: auto, float32, bfloat16, float16")
-    p.add_argument("--graph", default="auto", choices=["auto", "on", "off", "compile"],
-                   help="decode step capture, as inference.py")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one, printed at start)")
-    p.add_argument("--voices_dir", default=None, help="folder of NAME.wav (+ NAME.txt transcript) reference voices")
-    p.add_argument("--max_batch_size", type=int, default=8, help="requests decoded together by one engine")
-    p.add_argument("--max_queue", type=int, default=64, help="requests waiting at most; more get 429")
-    p.add_argument("--request_timeout", type=float, default=300.0, help="seconds a request may take in all (504)")
-    p.add_argument("--max_new_tokens", type=int, default=2048,
-                   help="default and ceiling of a request's max_new_tokens (audio frames, 25 = 1 s)")
-    p.add_argument("--temperature", type=float, default=0.3, help="default sampling temperature")
-    p.add_argument("--top_k", type=int, default=50, help="default top-k")
-    p.add_argument("--top_p", type=float, default=0.95, help="default top-p")
-    p.add_argument("--retries", type=int, default=3,
-                   help="extra attempts (seed+1, ...) for unusable audio, as inference.py")
-    p.add_argument("--api_key", default=os.environ.get("HIGGS_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $HIGGS_API_KEY)")
-    p.add_argument("--served_model_name", default=MODEL_ID, help="the model id clients send and /v1/models lists")
+    model = p.add_argument_group("model and devices")
+    add(model, "--model_path", default="./model_cache", help="generation model folder (transformers-native)")
+    add(model, "--tokenizer_path", default="./tokenizer_cache", help="audio tokenizer folder")
+    add(model, "--device", default="auto",
+        help="auto, cpu, npu:0, cuda:0, a comma list (npu:0,npu:1 or cpu,cpu: one engine process each), "
+             "or all (every NPU, else every CUDA GPU)")
+    add(model, "--dtype", default="auto", type=inference.dtype_choice,
+        choices=("auto", "float32", "bfloat16", "float16"), help="auto (bf16 on accelerators; fp32 on CPU if it fits)")
+    add(model, "--graph", default="auto", choices=inference.GRAPH_MODES, help="decode step capture, as inference.py")
+    add(model, "--voices_dir", default=None, help="folder of NAME.wav (+ NAME.txt transcript) reference voices")
+    http = p.add_argument_group("HTTP")
+    add(http, "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    add(http, "--port", type=int, default=8000, help="TCP port (0: any free one, printed at start)")
+    add(http, "--api_key", default=None,  # not the variable's value: --help would print the key
+        help="require 'Authorization: Bearer KEY' on every route but /health; without the flag: "
+             "$HIGGS_API_KEY if set, else no key")
+    add(http, "--served_model_name", default=MODEL_ID, help="the model id clients send and /v1/models lists")
+    limits = p.add_argument_group("batching and limits")
+    add(limits, "--max_batch_size", type=int, default=8, help="requests decoded together by one engine")
+    add(limits, "--max_queue", type=int, default=64, help="requests waiting at most; more get 429")
+    add(limits, "--request_timeout", type=float, default=300.0, help="seconds a request may take in all (504)")
+    sampling = p.add_argument_group("sampling defaults (a request may set its own)")
+    add(sampling, "--max_new_tokens", type=int, default=inference.SamplingParams.max_new_tokens,
+        help="default and ceiling of a request's max_new_tokens (audio frames, 25 = 1 s)")
+    add(sampling, "--temperature", type=float, default=inference.SamplingParams.temperature, help="0 = greedy")
+    add(sampling, "--top_k", type=int, default=inference.SamplingParams.top_k, help="0 = off")
+    add(sampling, "--top_p", type=float, default=inference.SamplingParams.top_p, help="in (0, 1]")
+    add(sampling, "--retries", type=int, default=3,
+        help="extra attempts (seed+1, ...) for unusable audio, as inference.py")
+    longform = p.add_argument_group("long text and streaming (as inference.py)")
+    add(longform, "--chunk_words", type=float, default=inference.CHUNK_WORDS,
+        help="a longer input is spoken chunk by chunk, each of at most this many words (a CJK character counts "
+             "half; 0: one chunk)")
+    add(longform, "--context_chunks", type=int, default=inference.CONTEXT_CHUNKS,
+        help="earlier chunks (text + audio) in each chunk's prompt, for one voice across the text")
     return p
 
 
 def validate_args(args) -> None:
     inference.check_utf8_args(args, hint="check the shell's encoding")
     for name, low in (("max_batch_size", 1), ("max_queue", 1), ("max_new_tokens", inference.MIN_FRAMES),
-                      ("retries", 0)):
+                      ("retries", 0), ("chunk_words", 0), ("context_chunks", 0)):
         if getattr(args, name) < low:
             raise UserError(f"--{name} must be >= {low}, got {getattr(args, name)}")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: expected 0..65535")
-    if not args.request_timeout > 0:
+    if not 0 < args.request_timeout < math.inf:
         raise UserError(f"--request_timeout must be > 0 seconds, got {args.request_timeout}")
+    if args.api_key is None:
+        args.api_key = os.environ.get("HIGGS_API_KEY")
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api_key is empty: give a key, or leave the flag out for no key")
     inference.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

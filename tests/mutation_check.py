@@ -64,6 +64,27 @@ MUTATIONS = [
     dict(name="position_ids_frozen", file="inference.py",
          old="bufs.position_ids.add_(1)", new="pass",
          tests=[f"{RULES}::test_decode_steps_feed_the_next_position_per_row"]),
+    # verified weights: a folder holding other tensors must never load with random weights
+    dict(name="header_check_skipped", file="checkpoints.py",
+         old="    check_tensors(kind, where, folder_tensors(folder), expected)", new="    folder_tensors(folder)",
+         tests=["tests/test_weights.py::test_codec_folder_holding_the_generation_model_is_refused"]),
+    dict(name="loading_report_ignored", file="inference.py",
+         old='        checkpoints.check_loading_info("tokenizer", tokenizer_path, info)', new="        pass",
+         tests=["tests/test_weights.py::test_loading_report_is_checked_after_the_header_check"]),
+    # user text is data: special-token strings in it must not become prompt structure
+    dict(name="user_text_parsed_as_control", file="inference.py",
+         old="tokenize=True, sanitize_control_tokens=True,", new="tokenize=True, sanitize_control_tokens=False,",
+         tests=["tests/test_prompt_text.py::test_special_token_strings_in_user_text_stay_text"]),
+    # long texts and streaming
+    dict(name="stream_context_0", file="inference.py", old="STREAM_CONTEXT = 10", new="STREAM_CONTEXT = 0",
+         tests=["tests/test_longform.py::test_windowed_decode_matches_one_decode_only_with_context"]),
+    dict(name="chunk_history_dropped", file="inference.py",
+         old="history=[(chunks[i], kept_codes[i].T) for i in turns])", new="history=[])",
+         tests=["tests/test_longform.py::test_chunk_prompt_holds_reference_and_previous_chunks_codes"]),
+    dict(name="chunk_seed_stride_1", file="inference.py", old="CHUNK_SEED_STRIDE = 2**32",
+         new="CHUNK_SEED_STRIDE = 1", tests=["tests/test_longform.py::test_chunk_seeds_never_collide_with_retries"]),
+    dict(name="split_inside_quotes", file="inference.py", old="    for start, end in _quoted_spans(text):",
+         new="    for start, end in []:", tests=["tests/test_longform.py::test_no_cut_inside_quotes_or_brackets_that_fit"]),
 ]
 
 

@@ -84,7 +84,9 @@ def test_unusable_first_attempt_is_retried_with_next_seed(tiny_ckpt, tmp_path, m
 
 def test_all_attempts_unusable_keeps_best_and_fails(tiny_ckpt, tmp_path, capsys):
     long_text = " ".join(["word"] * 70)  # needs >= 10 s of audio; 30 frames give 0.8 s
-    rc = run_cli(tiny_ckpt, tmp_path, "--text", long_text, "--max_new_tokens", "30", "--retries", "2")
+    # --chunk_words 0: one text judged as a whole (70 words would otherwise be spoken as two chunks)
+    rc = run_cli(tiny_ckpt, tmp_path, "--text", long_text, "--max_new_tokens", "30", "--retries", "2",
+                 "--chunk_words", "0")
     assert rc == 1
     side = json.loads((tmp_path / "output_1.json").read_text())
     assert side["usable"] is False and len(side["attempts"]) == 3

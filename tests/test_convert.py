@@ -354,7 +354,7 @@ def test_tokenizer_weight_norm_folds_g_that_is_not_the_norm_of_v(tmp_path, capsy
     assert not torch.allclose(out["scaled"]["acoustic_encoder.conv1.weight"], boson_v)  # the fold did something
 
 
-# --------------------------------------------------------------------------- odd input files (issue 16)
+# --------------------------------------------------------------------------- odd input files
 
 
 def one_error_line(err: str, *needles):
@@ -420,4 +420,37 @@ def test_model_pth_that_is_not_a_checkpoint(tmp_path, capsys, variant):
     rc, out, err = run(["--src", src, "--dst", tmp_path / "out"], capsys)
     assert rc == 2
     one_error_line(err, "model.pth", words)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_model_pth_with_a_dotless_key_is_one_line(tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURE / "tokenizer", src)
+    state = torch.load(src / "model.pth", weights_only=True)
+    state["stray"] = torch.zeros(2)
+    torch.save(state, src / "model.pth")
+    rc, out, err = run(["--src", src, "--dst", tmp_path / "out"], capsys)
+    assert rc == 2
+    one_error_line(err, "unknown tensor name", "stray")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_model_without_embed_tokens_is_one_line(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURE / "model", src)
+    for shard in sorted(src.glob("*.safetensors")):
+        tensors = load_file(str(shard))
+        if "embed_tokens.weight" in tensors:
+            del tensors["embed_tokens.weight"]
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"].pop("embed_tokens.weight", None)
+        index.write_text(json.dumps(data))
+    rc, out, err = run(["--src", src, "--dst", tmp_path / "out"], capsys)
+    assert rc == 2
+    one_error_line(err, "embed_tokens")
     assert_nothing_written(tmp_path / "out")

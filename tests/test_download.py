@@ -382,7 +382,7 @@ mkdir -p "$dir" && cp "$FAKE_SRC"/* "$dir"/ && head -c 1000 "$FAKE_SRC/$FAKE_CUT
 
 
 def test_hf_that_exits_0_but_truncates_a_shard_is_caught(hub, tmp_path, tiny_ckpt):
-    """issue 17 item 7: the post-download verification decides, not hf's exit status."""
+    """The post-download verification decides, not hf's exit status."""
     env = python_dir(tmp_path, FAKE_HF_TRUNCATES)
     env.update(FAKE_SRC=str(tiny_ckpt[0]), FAKE_CUT="model-00002-of-00003.safetensors")
     proc = run_download(tmp_path, hub.url, "--only", "model", env=env)

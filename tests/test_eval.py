@@ -154,6 +154,7 @@ def test_mode_all_writes_every_file_with_the_documented_fields(all_run):
     assert ("FAIL:" if proc.returncode else "PASS:") in proc.stdout
 
     assert ENV_FIELDS <= set(precision["environment"]) and ENV_FIELDS <= set(performance["environment"])
+    assert precision["environment"]["graph"] == "auto"  # the requested --graph, as the engine holds it
     (seed,) = precision["seeds"]
     assert PRECISION_SEED_FIELDS <= set(seed)
     assert (out / seed["wav"]).is_file() and seed["samples"] == aligned_len(16) * 960
@@ -341,7 +342,7 @@ def test_non_finite_audio_fails_the_performance_gate(tiny_engine, tmp_path, monk
     assert failed and all("finite audio" in name for name in failed)  # the only reason it failed
 
 
-# --------------------------------------------------------------------------- odd input (issue 16)
+# --------------------------------------------------------------------------- odd input
 
 
 def one_error_line(err: str, *needles):

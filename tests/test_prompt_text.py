@@ -1,4 +1,4 @@
-"""User text is data, never control (issue 18).
+"""User text is data, never control.
 
 Engine.build_prompt tokenizes the template's own markers as control tokens and every user field
 (text, scene, reference transcript) as plain text: a special-token string typed by a user becomes its
@@ -37,7 +37,7 @@ def special_ids(engine, ids):
 
 
 def plain_whole_string_ids(engine, text, scene, ref_text=None, ref=None):
-    """How the prompt was tokenized before issue 18: render, expand the audio token as text, tokenize it all."""
+    """How the prompt was tokenized before user text was sanitized: render, expand the audio token as text, tokenize it all."""
     rendered = engine.tokenizer.apply_chat_template(
         engine.messages(text, scene, ref_text, with_ref=ref is not None),
         chat_template=engine.chat_template, tokenize=False, add_generation_prompt=True,

@@ -1,4 +1,4 @@
-"""Zero tracebacks (issue 16): odd arguments, texts, files and numbers get exit 2 and one `error:` line.
+"""Zero tracebacks: odd arguments, texts, files and numbers get exit 2 and one `error:` line.
 
 The CLI runs in-process (inference.main with captured output) and the tiny engine is loaded once
 (the session fixture), so a property-based example costs milliseconds to a second, not a subprocess.

@@ -1,4 +1,4 @@
-"""One test aimed at each rule that a plausible one-line bug would break (issue 17).
+"""One test aimed at each rule that a plausible one-line bug would break.
 
 Each test here is listed in tests/mutation_check.py with the bug it must catch.
 """

@@ -1,9 +1,11 @@
 """serve.py over real HTTP on 127.0.0.1: routes, formats, streaming, voices, errors, batching, load, limits.
 
-Two servers on the tiny checkpoints, each started once: `server` (two CPU engines, batches of 8, voices,
-API key) and `small` (one engine, batches of 4, a queue of 4, a short timeout). A test-only hook (HOOK,
-loaded into the server's processes through PYTHONPATH) lets a text make the engine fail ("__boom__") or
-wait ("__hold_NAME__" until the test creates NAME.release), so queue, batch and timeout tests need no timing.
+Three servers on the tiny checkpoints, each started once: `server` (two CPU engines, batches of 8,
+voices, API key), `small` (one engine, batches of 4, a queue of 4) and `impatient` (a 1 s timeout).
+A test-only hook (HOOK, loaded into the server's processes through PYTHONPATH) lets a text make the
+engine fail ("__boom__"; "__sever__": after the first piece of a stream) or wait until the test
+creates NAME.release ("__hold_NAME__": before the decode; "__drip_NAME__": after a stream's first
+piece), so queue, batch, timeout and cancel tests need no timing.
 """
 
 import asyncio
@@ -19,6 +21,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -32,38 +35,75 @@ from conftest import ROOT
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 BUDGET = 48  # max_new_tokens of the test servers: short audio, fast batches
+CHUNK_WORDS = 8  # `server` speaks a text of more words chunk by chunk
+LONG = ("The sun rises in the east and sets in the west. This simple fact has been observed by people "
+        "for thousands of years, in every land.")
 HOOK = '''
 import os
 if os.environ.get("HIGGS_TEST_HOOKS"):
     import re, time
     from pathlib import Path
     import inference
-    _generate = inference.Engine.generate
+    hooks = Path(os.environ["HIGGS_TEST_HOOKS"])
+    _generate_frames, _speak = inference.Engine.generate_frames, inference.speak
 
-    def generate(self, prompts, params, seeds, **kw):
-        hooks = Path(os.environ["HIGGS_TEST_HOOKS"])
-        for p in prompts:
-            if "__boom__" in p.text:
-                raise RuntimeError("injected engine failure\\nsecond line")
-            for name in re.findall(r"__hold_(\\w+?)__", p.text):
-                (hooks / f"{name}.started").touch()
-                deadline = time.monotonic() + 120
-                while not (hooks / f"{name}.release").exists() and time.monotonic() < deadline:
-                    time.sleep(0.02)
-        return _generate(self, prompts, params, seeds, **kw)
+    def wait_for(name):
+        (hooks / f"{name}.started").touch()
+        deadline = time.monotonic() + 120
+        while not (hooks / f"{name}.release").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
-    inference.Engine.generate = generate
+    def generate_frames(self, prompts, params, seeds, *args, **kw):
+        texts = " ".join(p.text for p in prompts)
+        if "__boom__" in texts:
+            raise RuntimeError("injected engine failure\\nsecond line")
+        for name in re.findall(r"__hold_(\\w+?)__", texts):
+            wait_for(name)
+        return (yield from _generate_frames(self, prompts, params, seeds, *args, **kw))
+
+    class AfterFirstPiece:
+        """speak()'s stream; past its first piece it waits (__drip_NAME__) or fails (__sever__)."""
+
+        def __init__(self, stream, text):
+            self.stream, self.pieces_of, self.text, self.pieces = stream, iter(stream), text, 0
+            self.close = stream.close
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            if self.pieces == 1:
+                for name in re.findall(r"__drip_(\\w+?)__", self.text):
+                    wait_for(name)
+                if "__sever__" in self.text:
+                    raise RuntimeError("injected failure mid-stream")
+            self.pieces += 1
+            return next(self.pieces_of)
+
+        @property
+        def result(self):
+            return self.stream.result
+
+    def speak(engine, text, *args, **kw):
+        return AfterFirstPiece(_speak(engine, text, *args, **kw), text)
+
+    inference.Engine.generate_frames = generate_frames
+    inference.speak = speak
 '''
 
 
 class Server:
     def __init__(self, root, tiny_ckpt, *flags, key=None):
+        self.root = root
         self.hooks = root / "hooks"
         site = root / "site"
         for d in (self.hooks, site):
             d.mkdir()
         (site / "sitecustomize.py").write_text(HOOK)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]), HIGGS_TEST_HOOKS=str(self.hooks))
+        # one thread per engine: three servers share the test machine's cores (spinning OpenMP threads of
+        # several processes on a few cores slow each decode step many times over)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]), HIGGS_TEST_HOOKS=str(self.hooks),
+                   OMP_NUM_THREADS="1")
         model_dir, tok_dir = tiny_ckpt
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "serve.py"), "--model_path", str(model_dir), "--tokenizer_path",
@@ -106,8 +146,13 @@ class Server:
     def hold(self, name):
         """Keeps one engine busy until release(name): a request whose text holds the engine."""
         box = {}
-        thread = threading.Thread(target=lambda: box.update(r=self.client().post(
-            "/v1/audio/speech", json={"input": f"__hold_{name}__ hold.", "seed": 1, "max_new_tokens": 20})))
+
+        def post():
+            with self.client() as client:
+                box["r"] = client.post("/v1/audio/speech",
+                                       json={"input": f"__hold_{name}__ hold.", "seed": 1, "max_new_tokens": 20})
+
+        thread = threading.Thread(target=post)
         thread.start()
         wait_until(lambda: (self.hooks / f"{name}.started").exists())
         return thread, box
@@ -127,9 +172,10 @@ class Server:
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
+            (self.root / "server.log").write_text("".join(self.lines))  # kept by pytest, for a failure's story
 
 
-def wait_until(condition, timeout=30.0):
+def wait_until(condition, timeout=60.0):
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
@@ -194,7 +240,7 @@ def voices_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_ckpt, voices_dir):
     s = Server(tmp_path_factory.mktemp("server"), tiny_ckpt, "--device", "cpu,cpu", "--max_batch_size", "8",
-               "--voices_dir", str(voices_dir), "--api_key", KEY, key=KEY)
+               "--voices_dir", str(voices_dir), "--api_key", KEY, "--chunk_words", str(CHUNK_WORDS), key=KEY)
     yield s
     assert s.stop() == 0, "".join(s.lines[-20:])
 
@@ -202,7 +248,15 @@ def server(tmp_path_factory, tiny_ckpt, voices_dir):
 @pytest.fixture(scope="module")
 def small(tmp_path_factory, tiny_ckpt):
     s = Server(tmp_path_factory.mktemp("small"), tiny_ckpt, "--device", "cpu", "--max_batch_size", "4",
-               "--max_queue", "4", "--request_timeout", "6")
+               "--max_queue", "4")
+    yield s
+    assert s.stop() == 0, "".join(s.lines[-20:])
+
+
+@pytest.fixture(scope="module")
+def impatient(tmp_path_factory, tiny_ckpt):
+    """Its own server: a timeout short enough to test would make the other servers' tests timed."""
+    s = Server(tmp_path_factory.mktemp("impatient"), tiny_ckpt, "--device", "cpu", "--request_timeout", "1")
     yield s
     assert s.stop() == 0, "".join(s.lines[-20:])
 
@@ -270,21 +324,59 @@ def test_seed_decides_the_audio(server):
 
 def test_sse_and_audio_streams_carry_the_same_audio(server):
     request = dict(input="Streaming.", seed=9)
-    pcm = server.speech(**request, response_format="pcm")
     sse = server.speech(**request, stream_format="sse")
     assert sse.headers["content-type"].startswith("text/event-stream")
     events = sse_events(sse.text)
     types = [e["type"] for e in events]
     assert types[-1] == "speech.audio.done" and set(types[:-1]) == {"speech.audio.delta"} and len(types) > 1
-    assert b"".join(base64.b64decode(e["audio"]) for e in events[:-1]) == pcm.content
+    pcm = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
     done = events[-1]
-    assert done["frames"] == int(pcm.headers["x-higgs-frames"]) == done["usage"]["output_tokens"]
-    assert done["seed"] == 9 and done["usage"]["input_tokens"] > 0
+    assert len(pcm) == 2 * done["samples"] > 0 and done["seed"] == 9 and done["chunks"] == 1
+    assert done["usage"]["output_tokens"] == done["frames"] > 0 and done["usage"]["input_tokens"] > 0
     with server.http.stream("POST", "/v1/audio/speech", json=dict(request, stream_format="audio",
                                                                   response_format="pcm")) as streamed:
-        assert b"".join(streamed.iter_bytes()) == pcm.content
+        assert streamed.headers["content-type"] == "audio/pcm"
+        assert b"".join(streamed.iter_bytes()) == pcm
     wav = server.speech(**request, stream_format="audio")  # a streamed WAV: sizes unknown in its header
-    assert np.array_equal(samples(wav), samples(pcm))
+    assert samples(wav).tobytes() == pcm
+    # flac needs the whole signal: decoded as a whole answer, encoded, then sent in pieces
+    flac = server.speech(**request, stream_format="audio", response_format="flac")
+    assert flac.headers["content-type"] == "audio/flac" and "x-higgs-frames" not in flac.headers
+    assert np.array_equal(samples(flac), samples(server.speech(**request, response_format="flac")))
+
+
+def test_long_input_is_spoken_chunk_by_chunk(server):
+    import inference
+
+    chunks = len(inference.split_text(LONG, CHUNK_WORDS))
+    assert chunks > 1
+    whole = server.speech(input=LONG, seed=3, max_new_tokens=24, response_format="pcm")
+    assert whole.status_code == 200 and whole.headers["x-higgs-chunks"] == str(chunks)
+    events = sse_events(server.speech(input=LONG, seed=3, max_new_tokens=24, stream_format="sse").text)
+    assert events[-1]["type"] == "speech.audio.done" and events[-1]["chunks"] == chunks
+    streamed = np.frombuffer(b"".join(base64.b64decode(e["audio"]) for e in events[:-1]), dtype="<i2")
+    at_once = samples(whole)
+    # the same codes, decoded piece by piece or at once: equal up to float rounding
+    assert streamed.size == at_once.size == events[-1]["samples"] > 0
+    assert np.abs(streamed.astype(int) - at_once).max() <= 2
+
+
+@pytest.mark.parametrize("voice,stream", [("default", False), ("alice", False), ("default", True)])
+def test_same_audio_as_the_cli(server, tiny_ckpt, voices_dir, tmp_path, voice, stream):
+    """A whole answer is inference.py's WAV, byte for byte; a streamed one is inference.py --stream's."""
+    import inference
+
+    model_dir, tok_dir = tiny_ckpt
+    ref = ["--ref_audio", str(voices_dir / "alice.wav"), "--ref_text", "Hello, I am Alice."] if voice == "alice" else []
+    assert inference.main(["--model_path", str(model_dir), "--tokenizer_path", str(tok_dir), "--device", "cpu",
+                           "--text", "Like the CLI.", "--seed", "8", "--retries", "0", "--max_new_tokens", str(BUDGET),
+                           "--output_dir", str(tmp_path), *ref, *(["--stream"] if stream else [])]) in (0, 1)
+    cli = (tmp_path / "output_8.wav").read_bytes()  # exit 1: unusable, but written
+    if not stream:
+        assert server.speech(input="Like the CLI.", seed=8, voice=voice).content == cli
+    else:
+        answer = server.speech(input="Like the CLI.", seed=8, voice=voice, stream_format="audio")
+        assert samples(answer).tobytes() == sf.read(io.BytesIO(cli), dtype="int16")[0].tobytes()
 
 
 def test_voices_are_names_that_change_the_audio(server):
@@ -411,6 +503,31 @@ def test_client_killed_mid_stream_leaves_the_server_serving(server):
     assert server.speech(input="After the kill.", seed=6).status_code == 200
 
 
+def test_client_gone_mid_stream_stops_its_decode(server):
+    sock = raw_post(server, {"input": "__drip_cut__ " + LONG, "seed": 6, "stream_format": "audio",
+                             "response_format": "pcm"})
+    received = b""
+    while b"\r\n\r\n" not in received:  # the headers go out with the first audio
+        received += sock.recv(4096)
+    rid = next(line.split(b":")[1].strip().decode() for line in received.split(b"\r\n")
+               if line.lower().startswith(b"x-request-id:"))
+    wait_until(lambda: (server.hooks / "cut.started").exists())  # the engine waits after its first piece
+    kill(sock)
+    wait_until(lambda: any("status=499" in line for line in server.log_lines(rid)))
+    server.release("cut")
+    wait_until(lambda: server.log_lines(f"request {rid} cancelled"))  # it stopped at its next piece
+    assert server.speech(input="After the cut.", seed=6).status_code == 200
+
+
+def test_engine_error_mid_stream_ends_the_sse_with_an_error_event(server):
+    answer = server.speech(input="__sever__ " + LONG, seed=2, stream_format="sse")
+    assert answer.status_code == 200  # the status line went out with the first audio
+    events = sse_events(answer.text)
+    assert [e["type"] for e in events] == ["speech.audio.delta"] * (len(events) - 1) + ["error"]
+    assert events[-1]["error"]["message"] == "engine error: RuntimeError: injected failure mid-stream"
+    assert server.speech(input="Still serving.", seed=2).status_code == 200
+
+
 # --------------------------------------------------------------------------- batching and limits (one engine)
 
 
@@ -449,13 +566,16 @@ def test_full_queue_answers_429(small):
     assert small.metric("higgs_requests_total", status="429") == 2
 
 
-def test_request_past_its_timeout_answers_504(small):
-    holder = small.hold("timeout")
-    late = small.speech(input="Too late.", seed=1)  # waits behind the held engine for --request_timeout 6
+def test_request_past_its_timeout_answers_504(impatient):
+    holder = impatient.hold("timeout")
+    late = impatient.speech(input="Too late.", seed=1)  # waits behind the held engine for --request_timeout 1
     error_of(late, 504, code="timeout")
-    assert small.metric("higgs_queue_depth") == 0  # it gave up its place
-    small.release("timeout")
+    assert impatient.metric("higgs_queue_depth") == 0  # it gave up its place
+    impatient.release("timeout")
     holder[0].join()
+    error_of(holder[1]["r"], 504, code="timeout")  # the held one ran out of time too
+    wait_until(lambda: impatient.metric("higgs_requests_in_flight") == 0)
+    assert impatient.get("/health").status_code == 200
 
 
 def test_client_that_leaves_the_queue_frees_its_place(small):
@@ -467,7 +587,34 @@ def test_client_that_leaves_the_queue_frees_its_place(small):
     wait_until(lambda: small.log_lines("status=499"))
     small.release("leave")
     holder[0].join()
-    assert small.speech(input="Next.", seed=1).status_code == 200
+    nxt = small.speech(input="Next.", seed=1)
+    assert nxt.status_code == 200, nxt.text
+
+
+def test_an_engine_is_busy_until_its_batch_is_done():
+    """In-process, no engine: a row's "done" comes before its batch's "batch_done", and a request that
+    arrives in between must wait for the next batch, not join the finished one's bookkeeping."""
+    opts = serve.build_parser().parse_args([])
+    batches = []
+    scheduler = serve.Scheduler(opts, ["cpu"], {}, serve.Metrics(opts.max_batch_size), on_fatal=None)
+    scheduler.engines = [serve.EngineProc(0, "cpu", None, SimpleNamespace(put=batches.append), None, state="ready")]
+
+    def job(name):
+        return serve.Job(name, {"speak": False}, key=("same",), deadline=float("inf"))
+
+    async def run():
+        first, second = job("first"), job("second")
+        scheduler.submit(first)
+        scheduler._on_message((0, "audio", "first", np.zeros(960, dtype=np.float32)))
+        scheduler._on_message((0, "done", "first", {"frames": 10}))
+        scheduler.submit(second)
+        assert [[j["id"] for j in b] for b in batches] == [["first"]]  # the engine has not said it is free
+        scheduler._on_message((0, "batch_done", {"frames": 10, "decode_steps": 9, "decode_s": 0.1, "seconds": 0.2}))
+        assert [[j["id"] for j in b] for b in batches] == [["first"], ["second"]]
+        assert [first.events.get_nowait()[0] for _ in range(2)] == ["audio", "done"]
+        assert second.events.empty()  # no "batch ended without this row" for a row of the next batch
+
+    asyncio.run(run())
 
 
 # --------------------------------------------------------------------------- start-up errors
@@ -487,8 +634,8 @@ def broken_voices(tmp_path, name, data=None):
     (["--device", "tpu"], "--device tpu"),
     (["--max_batch_size", "0"], "--max_batch_size"),
     (["--voices_dir", "/nonexistent/voices"], "--voices_dir"),
-    ("default.wav", "reserved"),
-    ("bad name.wav", "rename"),
+    ("default.wav", "the model's own voice"),
+    ("bad name.wav", "a voice name takes"),
     (("broken.wav", b"not audio"), "cannot read audio"),
     ("port", "cannot listen"),
 ])

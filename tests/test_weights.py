@@ -126,7 +126,7 @@ def test_loading_report_is_checked_after_the_header_check(tiny_ckpt, tmp_path, m
         inference.load_engine(tiny_ckpt[0], tok_dir, "cpu", "float32")
 
 
-# --------------------------------------------------------------------------- corrupt files (issue 16)
+# --------------------------------------------------------------------------- corrupt files
 
 
 def _truncate_header(path):
