@@ -587,11 +587,7 @@ def verify_model(path: Path, log) -> None:
     finally:
         hf_logging.set_verbosity_warning()
     checkpoints.check_loading_info("model", path, info)
-    messages = [
-        {"role": "system", "content": [{"type": "text", "text": inference.SYSTEM_MESSAGE}]},
-        {"role": "scene", "content": [{"type": "text", "text": inference.DEFAULT_SCENE}]},
-        {"role": "user", "content": [{"type": "text", "text": "Hello."}]},
-    ]
+    messages = inference.chat_messages("Hello.", inference.DEFAULT_SCENE)
     rendered = tokenizer.apply_chat_template(messages, chat_template=(path / "chat_template.jinja").read_text(),
                                              tokenize=False, add_generation_prompt=True)
     ids = tokenizer(rendered, add_special_tokens=False, return_tensors="pt").input_ids

@@ -392,6 +392,21 @@ class Timings:
     audio_decode_s: float = 0.0
 
 
+def chat_messages(text: str, scene: str | None, ref_text: str | None = None, with_ref: bool = False,
+                  history=()) -> list[dict]:
+    """Boson's layout: system (+ scene), then one user/assistant pair per earlier audio (the reference voice,
+    then each text in `history`: earlier chunks, as Boson's generation.py), then the user text to speak."""
+    messages = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_MESSAGE}]}]
+    if scene:
+        messages.append({"role": "scene", "content": [{"type": "text", "text": scene}]})
+    turns = ([ref_text or ""] if with_ref else []) + list(history)
+    for i, turn_text in enumerate(turns):
+        messages.append({"role": "user", "content": [{"type": "text", "text": turn_text}]})
+        messages.append({"role": "assistant", "content": [{"type": "audio", "path": f"audio-{i}"}]})
+    messages.append({"role": "user", "content": [{"type": "text", "text": text}]})
+    return messages
+
+
 GRAPH_MODES = ("auto", "on", "off", "compile")
 
 
@@ -457,17 +472,7 @@ class Engine:
     # ---------------- prompt
     def messages(self, text: str, scene: str | None, ref_text: str | None = None, with_ref: bool = False,
                  history=()):
-        """Boson's layout: system (+ scene), then one user/assistant pair per earlier audio (the reference voice,
-        then each text in `history`: earlier chunks, as Boson's generation.py), then the user text to speak."""
-        messages = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_MESSAGE}]}]
-        if scene:
-            messages.append({"role": "scene", "content": [{"type": "text", "text": scene}]})
-        turns = ([ref_text or ""] if with_ref else []) + list(history)
-        for i, turn_text in enumerate(turns):
-            messages.append({"role": "user", "content": [{"type": "text", "text": turn_text}]})
-            messages.append({"role": "assistant", "content": [{"type": "audio", "path": f"audio-{i}"}]})
-        messages.append({"role": "user", "content": [{"type": "text", "text": text}]})
-        return messages
+        return chat_messages(text, scene, ref_text, with_ref, history)
 
     def build_prompt(self, text: str, scene: str | None = DEFAULT_SCENE, ref_codes=None, ref_text=None,
                      history=()) -> Prompt:
