@@ -49,6 +49,7 @@ HELP_COMMANDS = [
     ("download.sh", "bash download.sh --help"),
     ("convert_weights.py", "python3 convert_weights.py --help"),
     ("eval_audio.py", "python3 eval_audio.py --help"),
+    ("serve.py", "python3 serve.py --help"),
     ("tiny_checkpoints.py", "python3 tiny_checkpoints.py --help"),
 ]
 

@@ -9,10 +9,11 @@ import pytest
 import convert_weights
 import eval_audio
 import inference
+import serve
 from conftest import ROOT
 
 PARSERS = {"inference.py": inference.build_parser, "eval_audio.py": eval_audio.build_parser,
-           "convert_weights.py": convert_weights.build_parser}
+           "convert_weights.py": convert_weights.build_parser, "serve.py": serve.build_parser}
 
 
 def long_flags(parser):
