@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import zlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import inference
@@ -473,18 +474,35 @@ class _Clock:
         pass
 
 
-def run_ours(engine, prompt, params, n: int, seed: int) -> dict:
+@dataclass
+class TimedRun:
+    """One timed generation of a performance budget, ours or stock."""
+
+    frames: int
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    audio_decode_s: float
+    audio_s: float
+    finite: bool  # the decoded audio holds no NaN / Inf
+    peak_device_memory_bytes: int | None
+    graph: str | None = None  # ours: what the decode step ran as ("on", "compile", "off")
+
+    def tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else math.inf
+
+
+def run_ours(engine, prompt, params, n: int, seed: int) -> TimedRun:
     _reset_peak(engine.device)
     gens, t = engine.generate([prompt], params, [seed], forced_frames=n)
     audio, decode_s = _decode(engine, gens[0].codes)
-    return {"frames": int(gens[0].codes.shape[0]), "prefill_s": t.prefill_s, "decode_s": t.decode_s,
-            "decode_steps": t.decode_steps, "audio_decode_s": decode_s,
-            "audio_s": 0.0 if audio is None else audio.size / SAMPLE_RATE,
-            "finite": bool(audio is None or inference.audio_stats(audio).non_finite == 0),
-            "peak_device_memory_bytes": inference.peak_memory_bytes(engine.device), "graph": t.decode_mode}
+    return TimedRun(int(gens[0].codes.shape[0]), t.prefill_s, t.decode_s, t.decode_steps, decode_s,
+                    0.0 if audio is None else audio.size / SAMPLE_RATE,
+                    bool(audio is None or inference.audio_stats(audio).non_finite == 0),
+                    inference.peak_memory_bytes(engine.device), t.decode_mode)
 
 
-def run_stock(engine, prompt, params, n: int, seed: int) -> dict:
+def run_stock(engine, prompt, params, n: int, seed: int) -> TimedRun:
     """transformers' own generate() on the same model, forced to run the whole budget (eos_token_id=None)."""
     import torch
 
@@ -505,34 +523,34 @@ def run_stock(engine, prompt, params, n: int, seed: int) -> dict:
     first = clock.times[1] if len(clock.times) > 1 else t_end  # put #0 is the prompt, #1 the first frame
     codes = out[0].cpu()
     audio, decode_s = _decode(engine, codes)
-    return {"frames": int(codes.shape[0]), "prefill_s": first - t0, "decode_s": t_end - first,
-            "decode_steps": max(int(codes.shape[0]) - 1, 0), "audio_decode_s": decode_s,
-            "audio_s": 0.0 if audio is None else audio.size / SAMPLE_RATE,
-            "finite": bool(audio is None or inference.audio_stats(audio).non_finite == 0),
-            "peak_device_memory_bytes": inference.peak_memory_bytes(device)}
+    return TimedRun(int(codes.shape[0]), first - t0, t_end - first, max(int(codes.shape[0]) - 1, 0), decode_s,
+                    0.0 if audio is None else audio.size / SAMPLE_RATE,
+                    bool(audio is None or inference.audio_stats(audio).non_finite == 0),
+                    inference.peak_memory_bytes(device))
 
 
-def summarize_runs(runs: list[dict], bytes_per_step: int, copy_gb_s: float) -> dict:
-    tps = [r["decode_steps"] / r["decode_s"] if r["decode_s"] > 0 else math.inf for r in runs]
+def summarize_runs(runs: list[TimedRun], bytes_per_step: int, copy_gb_s: float) -> dict:
+    """The JSON row of one side of a budget: medians over the timed runs, and the runs themselves."""
+    tps = [r.tokens_per_s() for r in runs]
     med = statistics.median
     tok_s = med(tps)
-    gen_s = med(r["prefill_s"] + r["decode_s"] + r["audio_decode_s"] for r in runs)
-    audio_s = runs[0]["audio_s"]
+    gen_s = med(r.prefill_s + r.decode_s + r.audio_decode_s for r in runs)
+    audio_s = runs[0].audio_s
     bw = bytes_per_step * tok_s / 1e9
-    peaks = [r["peak_device_memory_bytes"] for r in runs if r["peak_device_memory_bytes"] is not None]
+    peaks = [r.peak_device_memory_bytes for r in runs if r.peak_device_memory_bytes is not None]
     return {
-        "frames": runs[0]["frames"],
-        "prefill_ms": round(med(r["prefill_s"] for r in runs) * 1000, 2),
+        "frames": runs[0].frames,
+        "prefill_ms": round(med(r.prefill_s for r in runs) * 1000, 2),
         "decode_tokens_per_s": {"median": round(tok_s, 2), "min": round(min(tps), 2), "max": round(max(tps), 2)},
         "ms_per_frame": round(1000 / tok_s, 3),
-        "audio_decode_s": round(med(r["audio_decode_s"] for r in runs), 4),
+        "audio_decode_s": round(med(r.audio_decode_s for r in runs), 4),
         "audio_s": round(audio_s, 3),
         "real_time_factor": round(gen_s / audio_s, 4) if audio_s else None,
         "peak_device_memory_bytes": max(peaks) if peaks else None,
         "bandwidth_gb_s": round(bw, 3),
         "bandwidth_share_of_copy": round(bw / copy_gb_s, 4) if copy_gb_s else None,
-        "graph": runs[-1].get("graph"),
-        "runs": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in runs],
+        "graph": runs[-1].graph,
+        "runs": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(r).items()} for r in runs],
     }
 
 
@@ -541,10 +559,6 @@ def kv_bytes_per_token(engine) -> int:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     elem = next(engine.model.parameters()).element_size()
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem
-
-
-def tokens_per_s(run: dict) -> float:
-    return run["decode_steps"] / run["decode_s"] if run["decode_s"] > 0 else math.inf
 
 
 def load_average() -> float | None:
@@ -592,15 +606,15 @@ def run_performance(engine, args, progress: Progress) -> dict:
                 progress.done()
         for name, _ in contenders:
             row[name] = summarize_runs(runs[name], bytes_per_step, copy["gb_s"])
-            ok = all(x["frames"] == n for x in runs[name])
+            ok = all(x.frames == n for x in runs[name])
             checks.append(check(f"performance: {name} ran the whole {n}-token budget", ok,
-                                [x["frames"] for x in runs[name]], f"frames == {n}"))
+                                [x.frames for x in runs[name]], f"frames == {n}"))
             if name == "ours":
-                fin = all(x["finite"] for x in runs[name])
+                fin = all(x.finite for x in runs[name])
                 checks.append(check(f"performance: ours {n} tokens gives finite audio", fin, fin, "no NaN/Inf"))
         ours, stock = row["ours"]["decode_tokens_per_s"]["median"], row["stock"]["decode_tokens_per_s"]["median"]
-        pairs = [tokens_per_s(o) / tokens_per_s(st) for o, st in zip(runs["ours"], runs["stock"])
-                 if tokens_per_s(st) > 0]
+        pairs = [o.tokens_per_s() / st.tokens_per_s() for o, st in zip(runs["ours"], runs["stock"])
+                 if st.tokens_per_s() > 0]
         row["ratio_tokens_per_s"] = round(statistics.median(pairs), 3) if pairs else None
         row["ratio_pairs"] = [round(x, 3) for x in pairs]
         row["ratio_spread"] = {"min": round(min(pairs), 3), "max": round(max(pairs), 3)} if pairs else None

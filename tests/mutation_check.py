@@ -46,7 +46,7 @@ MUTATIONS = [
          old="fold_weight_norm(state[g], state[v])", new="state[v]",
          tests=["tests/test_convert.py::test_tokenizer_weight_norm_folds_g_that_is_not_the_norm_of_v"]),
     dict(name="perf_finite_gate_always_true", file="eval_audio.py",
-         old='fin = all(x["finite"] for x in runs[name])', new="fin = True",
+         old="fin = all(x.finite for x in runs[name])", new="fin = True",
          tests=["tests/test_eval.py::test_non_finite_audio_fails_the_performance_gate"]),
     dict(name="download_verify_skipped", file="download.sh",
          old='must verify-download "$@"', new="true",

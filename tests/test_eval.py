@@ -405,9 +405,9 @@ def test_performance_alternates_and_reports_the_median_pair_ratio(tiny_engine, t
         def run(engine, prompt, params, n, seed):
             calls.append(name)
             tok_s = speeds[name][sum(c == name for c in calls) - 1]
-            return {"frames": n, "prefill_s": 0.01, "decode_s": (n - 1) / tok_s, "decode_steps": n - 1,
-                    "audio_decode_s": 0.01, "audio_s": 0.1, "finite": True, "peak_device_memory_bytes": None,
-                    "graph": "off"}
+            return eval_audio.TimedRun(frames=n, prefill_s=0.01, decode_s=(n - 1) / tok_s, decode_steps=n - 1,
+                                       audio_decode_s=0.01, audio_s=0.1, finite=True, peak_device_memory_bytes=None,
+                                       graph="off")
         return run
 
     monkeypatch.setattr(eval_audio, "run_ours", fake("ours"))
