@@ -1046,14 +1046,14 @@ def run_quality_from(args, device, out_dir: Path, progress: Progress) -> dict:
                 "ref_audio": params.get("ref_audio"), "finished_by_eos": finished,
                 "hit_max_new_tokens": None if finished is None else not finished, "usable": data.get("usable"),
                 "wav": str(wav.resolve()) if wav.is_file() else None}
-        audio, rate = quality.read_audio(wav, "--from") if wav.is_file() else (None, inference.SAMPLE_RATE)
+        audio, rate = inference.read_audio(wav, "--from") if wav.is_file() else (None, inference.SAMPLE_RATE)
         ref = None
         if clip["ref_audio"]:
             ref_path = reference_path(clip["ref_audio"], args.from_dir)
             if ref_path is None:
                 clip["similarity_note"] = f"{clip['id']}: reference {clip['ref_audio']} not found"
             else:
-                ref = refs.setdefault(ref_path, quality.read_audio(ref_path, "reference audio"))
+                ref = refs.setdefault(ref_path, inference.read_audio(ref_path, "reference audio"))
         progress.step(f"quality: scoring {clip['id']}")
         score_clip(clip, audio, rate, asr, sv, ref)
         clips.append(clip)

@@ -590,10 +590,10 @@ def cmd_clean(folder):
 
 
 def write_json(path: Path, data: dict) -> None:
+    import inference  # its temp-file-and-rename writer (cheap: torch is imported lazily there)
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    inference.write_json_atomic(path, data)
 
 
 def mark(folder, data: dict, extra: dict | None = None):

@@ -1309,23 +1309,40 @@ def write_json_atomic(path: Path, data: dict) -> None:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def load_reference_audio(path: str):
-    """Any soundfile-readable file -> 24 kHz mono float32 numpy."""
-    import numpy as np
+def read_audio(path, what: str = "audio"):
+    """(mono float32 samples, sample rate) of any soundfile-readable file; one error line when it cannot be read."""
     import soundfile as sf
 
     try:
-        audio, rate = sf.read(path, dtype="float32", always_2d=True)
+        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises its own error types
-        raise UserError(f"--ref_audio {path}: cannot read audio ({str(e).splitlines()[0]})") from None
-    audio = audio.mean(axis=1)
+        raise UserError(f"{what} {path}: cannot read audio ({str(e).splitlines()[0]})") from None
+    return audio.mean(axis=1), rate
+
+
+def resample(audio, rate: int, target: int):
+    """Mono (or [samples, channels], averaged) float32 audio at `rate` Hz -> `target` Hz, torchaudio's resampler."""
+    import numpy as np
+
+    audio = np.asarray(audio, dtype=np.float32)
+    audio = audio.mean(axis=1) if audio.ndim == 2 else audio.reshape(-1)
+    if rate == target or audio.size == 0:
+        return audio
+    import torch
+    import torchaudio
+
+    return torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(audio)), rate, target).numpy()
+
+
+def load_reference_audio(path: str):
+    """Any soundfile-readable file -> 24 kHz mono float32 numpy."""
+    import numpy as np
+
+    audio, rate = read_audio(path, "--ref_audio")
     if audio.size == 0:
         raise UserError(f"--ref_audio {path}: the file holds no samples")
     if rate != SAMPLE_RATE:
-        import torch
-        import torchaudio
-
-        audio = torchaudio.functional.resample(torch.from_numpy(audio), rate, SAMPLE_RATE).numpy()
+        audio = resample(audio, rate, SAMPLE_RATE)
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 

@@ -128,42 +128,12 @@ def mean(values) -> float | None:
 # --------------------------------------------------------------------------- audio measures
 
 
-def to_mono(audio):
-    import numpy as np
-
-    audio = np.asarray(audio, dtype=np.float32)
-    return audio.mean(axis=1) if audio.ndim == 2 else audio.reshape(-1)
-
-
-def resample(audio, rate: int, target: int):
-    import numpy as np
-
-    audio = to_mono(audio)
-    if rate == target or audio.size == 0:
-        return audio
-    import torch
-    import torchaudio
-
-    return torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(audio)), rate, target).numpy()
-
-
-def read_audio(path: Path, what: str = "audio"):
-    """(mono float32, rate) of any soundfile-readable file; one error line when it cannot be read."""
-    import soundfile as sf
-
-    try:
-        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # soundfile raises its own error types
-        raise UserError(f"{what} {path}: cannot read audio ({str(e).splitlines()[0]})") from None
-    return to_mono(audio), rate
-
-
 def trailing_silence_s(audio, rate: int) -> float:
     """Seconds of near-silence at the end: the runaway rule's measure (inference.trailing_silent_frames,
     40 ms frames below -50 dBFS), on the audio at 24 kHz."""
     import inference
 
-    rms = inference.frame_stats(resample(audio, rate, inference.SAMPLE_RATE))[:, 0]
+    rms = inference.frame_stats(inference.resample(audio, rate, inference.SAMPLE_RATE))[:, 0]
     frames = inference.trailing_silent_frames(rms)
     return round(frames / inference.FRAMES_PER_SECOND, 3)
 
@@ -238,7 +208,9 @@ class Transcriber:
     def __call__(self, audio, rate: int, lang: str) -> str:
         import torch
 
-        audio = resample(audio, rate, ASR_SAMPLE_RATE)
+        import inference
+
+        audio = inference.resample(audio, rate, ASR_SAMPLE_RATE)
         extractor = self.processor.feature_extractor
         long_form = audio.size > extractor.n_samples  # over 30 s: Whisper's own sequential long-form decoding
         inputs = extractor(audio, sampling_rate=ASR_SAMPLE_RATE, return_tensors="pt", return_attention_mask=True,
@@ -274,7 +246,9 @@ class SpeakerEncoder:
     def embed(self, audio, rate: int):
         import torch
 
-        audio = resample(audio, rate, ASR_SAMPLE_RATE)
+        import inference
+
+        audio = inference.resample(audio, rate, ASR_SAMPLE_RATE)
         if audio.size < self.min_samples:
             return None
         inputs = self.extractor(audio, sampling_rate=ASR_SAMPLE_RATE, return_tensors="pt")

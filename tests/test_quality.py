@@ -193,7 +193,7 @@ def test_trailing_silence_and_speech_rate():
     audio = np.concatenate([speech_like(2.0), np.zeros(24000 * 3, np.float32)])
     assert quality.trailing_silence_s(audio, 24000) == pytest.approx(3.0, abs=0.04)
     assert quality.trailing_silence_s(speech_like(2.0), 24000) == 0.0
-    assert quality.trailing_silence_s(quality.resample(audio, 24000, 16000), 16000) == pytest.approx(3.0, abs=0.08)
+    assert quality.trailing_silence_s(inference.resample(audio, 24000, 16000), 16000) == pytest.approx(3.0, abs=0.08)
     s = quality.score("one two three four", "one two three four")
     assert quality.speech_rate(s, 2.0) == 2.0
 
@@ -531,7 +531,7 @@ def test_real_speech_from_espeak(tmp_path):
     text = "The quick brown fox jumps over the lazy dog."
     wav = tmp_path / "fox.wav"
     subprocess.run([ESPEAK, "-v", "en-us", "-w", str(wav), text], check=True, capture_output=True, timeout=60)
-    audio, rate = quality.read_audio(wav)
+    audio, rate = inference.read_audio(wav)
     right = eval_audio.score_clip({"id": "fox", "text": text}, audio, rate, StubTranscriber(text.lower()), None, None)
     assert right["error"] == 0.0 and right["metric"] == "WER" and right["reference_units"] == 9
     assert 1.5 < right["duration_s"] < 6 and right["trailing_silence_s"] < 0.5
