@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -71,7 +72,16 @@ def start_server(args, batch: int):
     return proc, url
 
 
-async def run_level(url: str, clients: int, requests: int, max_new_tokens: int, stream: bool) -> dict:
+@dataclass
+class LevelResult:
+    """One mode at one concurrency level."""
+
+    rps: float  # requests per second
+    latency: list[float]  # seconds, one per request
+    ttfa: list[float]  # time to first audio, seconds, one per request
+
+
+async def run_level(url: str, clients: int, requests: int, max_new_tokens: int, stream: bool) -> LevelResult:
     """`requests` requests from `clients` concurrent clients -> req/s, latency and TTFA lists."""
     import httpx
 
@@ -105,7 +115,7 @@ async def run_level(url: str, clients: int, requests: int, max_new_tokens: int, 
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         wall = time.perf_counter() - t0
-    return {"rps": requests / wall, "latency": latency, "ttfa": ttfa}
+    return LevelResult(requests / wall, latency, ttfa)
 
 
 def pct(values: list[float], q: int) -> float:
@@ -136,7 +146,7 @@ def main() -> int:
                 for name, batch, stream in MODES:
                     results[name, c] = r = asyncio.run(run_level(servers[batch][1], c, args.requests,
                                                                  args.max_new_tokens, stream))
-                    print(f"  {name:>13}, {c} clients: {r['rps']:.2f} req/s", file=sys.stderr)
+                    print(f"  {name:>13}, {c} clients: {r.rps:.2f} req/s", file=sys.stderr)
         finally:
             for proc, _ in servers.values():
                 proc.send_signal(2)
@@ -149,8 +159,8 @@ def main() -> int:
     for c in levels:
         for name, _, _ in MODES:
             r = results[name, c]
-            print(f"| {c} | {name} | {r['rps']:.2f} | {pct(r['latency'], 50):.2f} | {pct(r['latency'], 95):.2f} "
-                  f"| {pct(r['ttfa'], 50):.2f} | {pct(r['ttfa'], 95):.2f} |")
+            print(f"| {c} | {name} | {r.rps:.2f} | {pct(r.latency, 50):.2f} | {pct(r.latency, 95):.2f} "
+                  f"| {pct(r.ttfa, 50):.2f} | {pct(r.ttfa, 95):.2f} |")
     return 0
 
 

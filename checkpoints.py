@@ -47,6 +47,12 @@ PICKLE_KINDS = ("wavlm-sv",)  # microsoft/wavlm-base-plus-sv ships only pytorch_
 # --------------------------------------------------------------------------- JSON and headers
 
 
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """An exception's first non-blank line (its type name when it has none), for one-line errors."""
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return line if limit is None else line[:limit]
+
+
 def read_json(path: Path, what: str = "an object") -> dict:
     """A JSON file that must hold an object (config.json, an index, a processor config)."""
     path = Path(path)
@@ -55,7 +61,7 @@ def read_json(path: Path, what: str = "an object") -> dict:
     except FileNotFoundError:
         raise UserError(f"{path} is missing") from None
     except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
-        raise UserError(f"{path} cannot be read as JSON: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{path} cannot be read as JSON: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} holds a JSON {type(data).__name__}, expected {what} (re-run: bash download.sh)")
     return data
@@ -70,7 +76,7 @@ def parse_header(raw: bytes, where: str, data_bytes: int | None = None) -> dict[
     try:
         header = json.loads(raw)
     except ValueError as e:  # also bad UTF-8
-        raise UserError(f"{where}: not a safetensors file (header is not JSON: {str(e).splitlines()[0]})") from None
+        raise UserError(f"{where}: not a safetensors file (header is not JSON: {first_line(e)})") from None
     if not isinstance(header, dict):
         raise UserError(f"{where}: not a safetensors file (header is a JSON {type(header).__name__})")
     tensors = {}
@@ -128,7 +134,7 @@ def pickle_tensors(path: Path) -> dict[str, list[int]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
-        detail = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        detail = first_line(e, 160)
         raise UserError(f"{path}: not a readable PyTorch state dict ({detail}); re-download it") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
@@ -198,7 +204,7 @@ def _meta_model(kind: str, config: dict, where: str):
     # a config is untrusted input: a wrong type or size surfaces as any of these while building
     except (StrictDataclassError, TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError,
             RuntimeError) as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        detail = first_line(e)
         raise UserError(f"{where}: config.json does not describe a valid {what} ({detail[:160]})") from None
 
 
@@ -313,7 +319,7 @@ def check_loading_info(kind: str, folder: Path, info: dict) -> None:
     had to initialise at random, or could not use, is an error."""
     problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
     if info.get("error_msgs"):
-        problems["errors"] = [str(m).splitlines()[0] for m in info["error_msgs"]]
+        problems["errors"] = [first_line(m) for m in info["error_msgs"]]
     if problems:
         detail = "; ".join(f"{k.replace('_', ' ')}: {_examples(v)}" for k, v in problems.items())
         raise UserError(f"{folder}: the {KINDS[kind][3]} does not load cleanly ({detail}) (re-run: bash download.sh)")

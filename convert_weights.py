@@ -718,7 +718,7 @@ def load_pth(path: Path) -> dict:
         why = next((line.strip() for line in lines if "Unsupported" in line), lines[0])
         raise UserError(f"{path} cannot be loaded safely (weights_only): {why}") from None
     except Exception as e:  # torch reports a truncated or garbled file with many error types (EOFError, KeyError, ...)
-        detail = str(e).splitlines()[0] if str(e) else ""
+        detail = checkpoints.first_line(e) if str(e).strip() else ""
         raise UserError(f"{path} is truncated or not a PyTorch checkpoint ({type(e).__name__}"
                         f"{': ' + detail[:120] if detail else ''}); re-download Boson's audio tokenizer") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 
 import inference
@@ -69,16 +69,69 @@ LONG_TEXT = (
 # differ by more than rounding (not measured here): the gate catches a broken window, not that noise.
 STREAM_MIN_SNR_DB = 50.0
 MAX_TRAILING_SILENCE_S = 2.0  # no clip may end in more near-silence than this (the runaway rule's measure)
-BOSON_PUBLISHED = {"wer_percent": 2.44, "sim_percent": 67.70,
-                   "note": "Boson's Higgs Audio v2 on Seed-TTS-eval (Whisper-large-v3 WER, WavLM-large ECAPA SIM)"}
+
+
+@dataclass(frozen=True)
+class Published:
+    wer_percent: float
+    sim_percent: float
+    note: str
+
+
+BOSON_PUBLISHED = Published(2.44, 67.70,
+                            "Boson's Higgs Audio v2 on Seed-TTS-eval (Whisper-large-v3 WER, WavLM-large ECAPA SIM)")
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+
+
+def jsonable(x):
+    """A record -> what json.dumps takes: a dataclass by its to_json() or else its fields in order; lists and
+    dicts item by item. Records become dicts only here, where the JSON files are written."""
+    if is_dataclass(x) and not isinstance(x, type):
+        if hasattr(x, "to_json"):
+            return x.to_json()
+        return {f.name: jsonable(getattr(x, f.name)) for f in fields(x)}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    return x
 
 
 # --------------------------------------------------------------------------- metrics and checks
 
 
-def signal_metrics(audio) -> dict:
+@dataclass
+class SignalMetrics:
+    samples: int
+    duration_s: float
+    rms: float
+    peak: float
+    nan_count: int
+    inf_count: int
+    clipping_ratio: float
+    longest_silent_run_s: float
+    max_sample_jump: float
+
+
+@dataclass
+class CodeMetrics:
+    frames: int
+    aligned_frames: int
+    valid_frame_share: float
+    code_entropy_bits: list[float]
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # PASS, FAIL or SKIP
+    value: object
+    threshold: object
+    detail: str = ""
+
+
+def signal_metrics(audio) -> SignalMetrics:
     """Everything precision.json says about one waveform (float32, 24 kHz)."""
     import numpy as np
 
@@ -97,20 +150,20 @@ def signal_metrics(audio) -> dict:
         for s in silent:
             run = run + 1 if s else 0
             longest = max(longest, run)
-    return {
-        "samples": base.samples,
-        "duration_s": base.duration_s,
-        "rms": round(base.rms, 6),
-        "peak": round(base.peak, 6),
-        "nan_count": int(np.isnan(audio).sum()),
-        "inf_count": int(np.isinf(audio).sum()),
-        "clipping_ratio": round(clip_ratio, 6),
-        "longest_silent_run_s": round(longest * SILENCE_WINDOW_S, 3),
-        "max_sample_jump": round(jump, 6),
-    }
+    return SignalMetrics(
+        samples=base.samples,
+        duration_s=base.duration_s,
+        rms=round(base.rms, 6),
+        peak=round(base.peak, 6),
+        nan_count=int(np.isnan(audio).sum()),
+        inf_count=int(np.isinf(audio).sum()),
+        clipping_ratio=round(clip_ratio, 6),
+        longest_silent_run_s=round(longest * SILENCE_WINDOW_S, 3),
+        max_sample_jump=round(jump, 6),
+    )
 
 
-def code_metrics(codes, cfg) -> dict:
+def code_metrics(codes, cfg) -> CodeMetrics:
     """Delay-pattern codes [T, C] -> frame counts, share of valid frames, entropy per codebook (bits)."""
     import numpy as np
 
@@ -127,31 +180,30 @@ def code_metrics(codes, cfg) -> dict:
         p = np.bincount(col, minlength=bos).astype(np.float64) / col.size
         p = p[p > 0]
         entropy.append(round(float(-(p * np.log2(p)).sum()), 4))
-    return {
-        "frames": int(codes.shape[0]),
-        "aligned_frames": int(a.shape[0]),
-        "valid_frame_share": round(float(valid_rows.mean()), 4) if a.shape[0] else 0.0,
-        "code_entropy_bits": entropy,
-    }
+    return CodeMetrics(
+        frames=int(codes.shape[0]),
+        aligned_frames=int(a.shape[0]),
+        valid_frame_share=round(float(valid_rows.mean()), 4) if a.shape[0] else 0.0,
+        code_entropy_bits=entropy,
+    )
 
 
-def check(name: str, ok: bool | None, value, threshold, detail: str = "") -> dict:
-    return {"name": name, "status": SKIP if ok is None else (PASS if ok else FAIL),
-            "value": value, "threshold": threshold, "detail": detail}
+def check(name: str, ok: bool | None, value, threshold, detail: str = "") -> Check:
+    return Check(name, SKIP if ok is None else (PASS if ok else FAIL), value, threshold, detail)
 
 
-def audio_checks(m: dict, prefix: str = "") -> list[dict]:
+def audio_checks(m: SignalMetrics, prefix: str = "") -> list[Check]:
     """Checks on one waveform's signal_metrics; thresholds are the module constants."""
-    non_finite = m["nan_count"] + m["inf_count"]
+    non_finite = m.nan_count + m.inf_count
     return [
         check(f"{prefix}finite output", non_finite == 0, non_finite, "NaN + Inf samples == 0"),
-        check(f"{prefix}RMS in speech range", RMS_RANGE[0] <= m["rms"] <= RMS_RANGE[1], m["rms"],
+        check(f"{prefix}RMS in speech range", RMS_RANGE[0] <= m.rms <= RMS_RANGE[1], m.rms,
               f"{RMS_RANGE[0]} <= RMS <= {RMS_RANGE[1]}"),
-        check(f"{prefix}peak in speech range", PEAK_RANGE[0] <= m["peak"] <= PEAK_RANGE[1], m["peak"],
+        check(f"{prefix}peak in speech range", PEAK_RANGE[0] <= m.peak <= PEAK_RANGE[1], m.peak,
               f"{PEAK_RANGE[0]} <= peak <= {PEAK_RANGE[1]}"),
-        check(f"{prefix}no clipping", m["clipping_ratio"] <= MAX_CLIP_RATIO, m["clipping_ratio"],
+        check(f"{prefix}no clipping", m.clipping_ratio <= MAX_CLIP_RATIO, m.clipping_ratio,
               f"share of |x| >= {CLIP_LEVEL} <= {MAX_CLIP_RATIO}"),
-        check(f"{prefix}no long silence", m["longest_silent_run_s"] <= MAX_SILENT_RUN_S, m["longest_silent_run_s"],
+        check(f"{prefix}no long silence", m.longest_silent_run_s <= MAX_SILENT_RUN_S, m.longest_silent_run_s,
               f"longest run of {SILENCE_WINDOW_S * 1000:.0f} ms windows below RMS {SILENCE_LEVEL} <= "
               f"{MAX_SILENT_RUN_S} s"),
     ]
@@ -287,13 +339,37 @@ def parity_wanted(engine, args) -> bool:
     return args.parity == "on" or (args.parity == "auto" and not fp32_cpu)
 
 
-def parity(engine, args, prompt, progress: Progress) -> dict:
+@dataclass
+class ParitySkipped:
+    status: str
+    reason: str
+
+
+@dataclass
+class Parity:
+    reference: str
+    device: str
+    dtype: str
+    prompt_tokens: int
+    frames: int
+    cosine_similarity: float
+    cosine_similarity_audio_frames: float
+    min_cosine_per_position: float
+    max_abs_diff: float
+    greedy_agreement_teacher_forced: float
+    greedy_agreement_free_running: float
+    first_divergent_frame: int | None
+    check: Check
+    status: str
+
+
+def parity(engine, args, prompt, progress: Progress) -> Parity | ParitySkipped:
     """Teacher-forced logits of prompt + PARITY_FRAMES frames: the device vs CPU fp32."""
     import torch
 
     if not parity_wanted(engine, args):
         reason = "--parity off" if args.parity == "off" else "the device is CPU fp32 itself (use --parity on to force)"
-        return {"status": SKIP, "reason": reason}
+        return ParitySkipped(SKIP, reason)
     progress.step("parity: CPU fp32 reference")
     ref = inference.load_engine(args.model_path, args.tokenizer_path, "cpu", "float32")
     progress.step("parity: frames on the device")
@@ -323,28 +399,106 @@ def parity(engine, args, prompt, progress: Progress) -> dict:
     diverged = (~same.all(dim=1)).nonzero()
     progress.done()
     del ref
-    result = {
-        "reference": "cpu float32",
-        "device": str(engine.device),
-        "dtype": _dtype_name(engine.dtype),
-        "prompt_tokens": int(len(prompt.input_ids)),
-        "frames": int(n),
-        "cosine_similarity": round(cosine(dev, cpu), 7),
-        "cosine_similarity_audio_frames": round(cosine(audio_dev, audio_cpu), 7),
-        "min_cosine_per_position": round(float(per_pos.min()), 7),
-        "max_abs_diff": float((dev - cpu).abs().max()),
-        "greedy_agreement_teacher_forced": round(agree, 4),
-        "greedy_agreement_free_running": round(float(same.double().mean()), 4),
-        "first_divergent_frame": int(diverged[0, 0]) if diverged.numel() else None,
-    }
-    result["check"] = check("device parity: teacher-forced logits cosine vs CPU fp32",
-                            result["cosine_similarity"] >= PARITY_MIN_COSINE, result["cosine_similarity"],
-                            f"cosine >= {PARITY_MIN_COSINE} over prompt + {n} frames")
-    result["status"] = result["check"]["status"]
-    return result
+    cos = round(cosine(dev, cpu), 7)
+    gate = check("device parity: teacher-forced logits cosine vs CPU fp32", cos >= PARITY_MIN_COSINE, cos,
+                 f"cosine >= {PARITY_MIN_COSINE} over prompt + {n} frames")
+    return Parity(
+        reference="cpu float32",
+        device=str(engine.device),
+        dtype=_dtype_name(engine.dtype),
+        prompt_tokens=int(len(prompt.input_ids)),
+        frames=int(n),
+        cosine_similarity=cos,
+        cosine_similarity_audio_frames=round(cosine(audio_dev, audio_cpu), 7),
+        min_cosine_per_position=round(float(per_pos.min()), 7),
+        max_abs_diff=float((dev - cpu).abs().max()),
+        greedy_agreement_teacher_forced=round(agree, 4),
+        greedy_agreement_free_running=round(float(same.double().mean()), 4),
+        first_divergent_frame=int(diverged[0, 0]) if diverged.numel() else None,
+        check=gate,
+        status=gate.status,
+    )
 
 
-def run_precision(engine, args, out_dir: Path, progress: Progress) -> dict:
+@dataclass
+class SeedRun:
+    """One seed of the precision report; in the JSON row `codes` and `signal` (absent without audio) are
+    spread out at the top level."""
+
+    seed: int
+    finished_by_eos: bool
+    codes: CodeMetrics
+    wav: str | None
+    signal: SignalMetrics | None
+    checks: list[Check]
+    usable: bool
+    unusable_reason: str | None
+
+    def to_json(self) -> dict:
+        return {"seed": self.seed, "finished_by_eos": self.finished_by_eos, **jsonable(self.codes), "wav": self.wav,
+                **(jsonable(self.signal) if self.signal is not None else {}), "checks": jsonable(self.checks),
+                "usable": self.usable, "unusable_reason": self.unusable_reason}
+
+
+@dataclass
+class GreedyRun:
+    frames: int
+    finished_by_eos: bool
+    wav: str | None
+    signal: SignalMetrics | None  # spread out in the JSON, as in SeedRun
+
+    def to_json(self) -> dict:
+        return {"frames": self.frames, "finished_by_eos": self.finished_by_eos, "wav": self.wav,
+                **(jsonable(self.signal) if self.signal is not None else {})}
+
+
+@dataclass
+class Determinism:
+    seed: int
+    identical_codes: bool
+    identical_wav_bytes: bool
+    greedy_identical_codes: bool
+    greedy: GreedyRun
+
+
+@dataclass
+class CrossSeed:
+    usable_seeds: list[int]
+    all_usable: bool
+
+
+@dataclass
+class Thresholds:
+    rms_range: list[float]
+    peak_range: list[float]
+    clip_level: float
+    max_clip_ratio: float
+    silence_window_s: float
+    silence_level_rms: float
+    max_silent_run_s: float
+    parity_frames: int
+    parity_min_cosine: float
+    usable: str
+
+
+@dataclass
+class PrecisionResult:
+    text: str
+    sampling: SamplingParams
+    thresholds: Thresholds
+    seeds: list[SeedRun]
+    determinism: Determinism
+    cross_seed: CrossSeed
+    device_parity: Parity | ParitySkipped
+    checks: list[Check]
+
+    def to_json(self) -> dict:
+        out = {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}
+        out["sampling"]["note"] = "inference.py defaults; max_new_tokens = max(--tokens)"
+        return out
+
+
+def run_precision(engine, args, out_dir: Path, progress: Progress) -> PrecisionResult:
     import torch
 
     params = precision_params(args)
@@ -357,27 +511,26 @@ def run_precision(engine, args, out_dir: Path, progress: Progress) -> dict:
         gens, timings = engine.generate([prompt], params, [seed])
         gen = gens[0]
         audio, _ = _decode(engine, gen.codes)
-        entry = {"seed": seed, "finished_by_eos": gen.finished, **code_metrics(gen.codes, engine.config)}
+        codes = code_metrics(gen.codes, engine.config)
         reason = inference.judge_attempt(args.text, gen.codes, audio)
         codes_by_seed[seed] = gen.codes
         if audio is not None:
             wav = audio_dir / f"seed_{seed}.wav"
             inference.write_wav_atomic(wav, audio)
             wav_by_seed[seed] = wav.read_bytes()
-            entry["wav"] = str(wav.relative_to(out_dir))
-            entry.update(signal_metrics(audio))
-            entry["checks"] = audio_checks(entry, f"seed {seed}: ")
+            wav_name, signal = str(wav.relative_to(out_dir)), signal_metrics(audio)
+            seed_checks = audio_checks(signal, f"seed {seed}: ")
         else:
-            entry["wav"] = None
-            entry["checks"] = [check(f"seed {seed}: audio produced", False, gen.codes.shape[0],
-                                     f">= {inference.MIN_FRAMES} frames")]
-        entry["usable"] = reason is None
-        entry["unusable_reason"] = reason
-        checks += entry["checks"]
+            wav_name, signal = None, None
+            seed_checks = [check(f"seed {seed}: audio produced", False, gen.codes.shape[0],
+                                 f">= {inference.MIN_FRAMES} frames")]
+        entry = SeedRun(seed, gen.finished, codes, wav_name, signal, seed_checks, reason is None, reason)
+        checks += entry.checks
         seeds.append(entry)
-        progress.log(f"precision: seed {seed}: {entry['frames']} frames, "
-                     f"{entry.get('duration_s', 0):.2f} s, RMS {entry.get('rms', 0):.4f}, "
-                     f"peak {entry.get('peak', 0):.3f}, {'usable' if reason is None else 'unusable: ' + reason}")
+        progress.log(f"precision: seed {seed}: {codes.frames} frames, "
+                     f"{signal.duration_s if signal else 0:.2f} s, RMS {signal.rms if signal else 0:.4f}, "
+                     f"peak {signal.peak if signal else 0:.3f}, "
+                     f"{'usable' if reason is None else 'unusable: ' + reason}")
         progress.done()
 
     # determinism: the first seed again, then greedy twice
@@ -398,50 +551,56 @@ def run_precision(engine, args, out_dir: Path, progress: Progress) -> dict:
     same_greedy = torch.equal(g1.codes, g2.codes)
     checks.append(check("determinism: temperature 0 twice gives identical codes", same_greedy, same_greedy,
                         "identical"))
-    greedy_entry = {"frames": int(g1.codes.shape[0]), "finished_by_eos": g1.finished, "wav": None}
+    greedy_entry = GreedyRun(int(g1.codes.shape[0]), g1.finished, None, None)
     g_audio, _ = _decode(engine, g1.codes)
     if g_audio is not None:
         inference.write_wav_atomic(audio_dir / "greedy.wav", g_audio)
-        greedy_entry.update(wav="audio/greedy.wav", **signal_metrics(g_audio))
+        greedy_entry.wav, greedy_entry.signal = "audio/greedy.wav", signal_metrics(g_audio)
     progress.done(2)
 
-    usable = [s["seed"] for s in seeds if s["usable"]]
+    usable = [s.seed for s in seeds if s.usable]
     checks.append(check("cross-seed: every seed gives a usable result", len(usable) == len(seeds),
                         f"{len(usable)}/{len(seeds)} usable", "all seeds usable (inference.judge_attempt)",
-                        "; ".join(f"seed {s['seed']}: {s['unusable_reason']}" for s in seeds if not s["usable"])))
+                        "; ".join(f"seed {s.seed}: {s.unusable_reason}" for s in seeds if not s.usable)))
 
     par = parity(engine, args, prompt, progress)
-    if "check" in par:
-        checks.append(par["check"])
+    if isinstance(par, Parity):
+        checks.append(par.check)
     else:
         checks.append(check("device parity: teacher-forced logits cosine vs CPU fp32", None, None,
-                            f"cosine >= {PARITY_MIN_COSINE}", par["reason"]))
-    return {
-        "text": args.text,
-        "sampling": {**vars(params), "note": "inference.py defaults; max_new_tokens = max(--tokens)"},
-        "thresholds": thresholds(),
-        "seeds": seeds,
-        "determinism": {"seed": seed0, "identical_codes": same_codes, "identical_wav_bytes": same_wav,
-                        "greedy_identical_codes": same_greedy, "greedy": greedy_entry},
-        "cross_seed": {"usable_seeds": usable, "all_usable": len(usable) == len(seeds)},
-        "device_parity": par,
-        "checks": checks,
-    }
+                            f"cosine >= {PARITY_MIN_COSINE}", par.reason))
+    return PrecisionResult(
+        text=args.text,
+        sampling=params,
+        thresholds=thresholds(),
+        seeds=seeds,
+        determinism=Determinism(seed0, same_codes, same_wav, same_greedy, greedy_entry),
+        cross_seed=CrossSeed(usable, len(usable) == len(seeds)),
+        device_parity=par,
+        checks=checks,
+    )
 
 
-def thresholds() -> dict:
-    return {
-        "rms_range": list(RMS_RANGE), "peak_range": list(PEAK_RANGE), "clip_level": CLIP_LEVEL,
-        "max_clip_ratio": MAX_CLIP_RATIO, "silence_window_s": SILENCE_WINDOW_S, "silence_level_rms": SILENCE_LEVEL,
-        "max_silent_run_s": MAX_SILENT_RUN_S, "parity_frames": PARITY_FRAMES, "parity_min_cosine": PARITY_MIN_COSINE,
-        "usable": "inference.judge_attempt: >= 9 frames, finite, not silent, long enough for the text",
-    }
+def thresholds() -> Thresholds:
+    return Thresholds(
+        rms_range=list(RMS_RANGE), peak_range=list(PEAK_RANGE), clip_level=CLIP_LEVEL,
+        max_clip_ratio=MAX_CLIP_RATIO, silence_window_s=SILENCE_WINDOW_S, silence_level_rms=SILENCE_LEVEL,
+        max_silent_run_s=MAX_SILENT_RUN_S, parity_frames=PARITY_FRAMES, parity_min_cosine=PARITY_MIN_COSINE,
+        usable="inference.judge_attempt: >= 9 frames, finite, not silent, long enough for the text",
+    )
 
 
 # --------------------------------------------------------------------------- performance
 
 
-def copy_bandwidth(device, dtype) -> dict:
+@dataclass
+class CopyBandwidth:
+    gb_s: float
+    buffer_bytes: int
+    method: str
+
+
+def copy_bandwidth(device, dtype) -> CopyBandwidth:
     """Device memory copy: bytes read + bytes written per second, best of a few copies."""
     import torch
 
@@ -457,8 +616,8 @@ def copy_bandwidth(device, dtype) -> dict:
         inference.synchronize(device)
         best = min(best, time.perf_counter() - t0)
     del src, dst
-    return {"gb_s": round(2 * nbytes / best / 1e9, 3), "buffer_bytes": nbytes,
-            "method": "tensor.copy_ of the buffer, best of 5; read + write bytes counted"}
+    return CopyBandwidth(round(2 * nbytes / best / 1e9, 3), nbytes,
+                         "tensor.copy_ of the buffer, best of 5; read + write bytes counted")
 
 
 class _Clock:
@@ -490,6 +649,9 @@ class TimedRun:
 
     def tokens_per_s(self) -> float:
         return self.decode_steps / self.decode_s if self.decode_s > 0 else math.inf
+
+    def to_json(self) -> dict:
+        return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
 def run_ours(engine, prompt, params, n: int, seed: int) -> TimedRun:
@@ -529,8 +691,32 @@ def run_stock(engine, prompt, params, n: int, seed: int) -> TimedRun:
                     inference.peak_memory_bytes(device))
 
 
-def summarize_runs(runs: list[TimedRun], bytes_per_step: int, copy_gb_s: float) -> dict:
-    """The JSON row of one side of a budget: medians over the timed runs, and the runs themselves."""
+@dataclass
+class TokensPerS:
+    median: float
+    min: float
+    max: float
+
+
+@dataclass
+class RunSummary:
+    """One side of a budget, ours or stock: medians over the timed runs, and the runs themselves."""
+
+    frames: int
+    prefill_ms: float
+    decode_tokens_per_s: TokensPerS
+    ms_per_frame: float
+    audio_decode_s: float
+    audio_s: float
+    real_time_factor: float | None
+    peak_device_memory_bytes: int | None
+    bandwidth_gb_s: float
+    bandwidth_share_of_copy: float | None
+    graph: str | None
+    runs: list[TimedRun]
+
+
+def summarize_runs(runs: list[TimedRun], bytes_per_step: int, copy_gb_s: float) -> RunSummary:
     tps = [r.tokens_per_s() for r in runs]
     med = statistics.median
     tok_s = med(tps)
@@ -538,20 +724,20 @@ def summarize_runs(runs: list[TimedRun], bytes_per_step: int, copy_gb_s: float) 
     audio_s = runs[0].audio_s
     bw = bytes_per_step * tok_s / 1e9
     peaks = [r.peak_device_memory_bytes for r in runs if r.peak_device_memory_bytes is not None]
-    return {
-        "frames": runs[0].frames,
-        "prefill_ms": round(med(r.prefill_s for r in runs) * 1000, 2),
-        "decode_tokens_per_s": {"median": round(tok_s, 2), "min": round(min(tps), 2), "max": round(max(tps), 2)},
-        "ms_per_frame": round(1000 / tok_s, 3),
-        "audio_decode_s": round(med(r.audio_decode_s for r in runs), 4),
-        "audio_s": round(audio_s, 3),
-        "real_time_factor": round(gen_s / audio_s, 4) if audio_s else None,
-        "peak_device_memory_bytes": max(peaks) if peaks else None,
-        "bandwidth_gb_s": round(bw, 3),
-        "bandwidth_share_of_copy": round(bw / copy_gb_s, 4) if copy_gb_s else None,
-        "graph": runs[-1].graph,
-        "runs": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(r).items()} for r in runs],
-    }
+    return RunSummary(
+        frames=runs[0].frames,
+        prefill_ms=round(med(r.prefill_s for r in runs) * 1000, 2),
+        decode_tokens_per_s=TokensPerS(round(tok_s, 2), round(min(tps), 2), round(max(tps), 2)),
+        ms_per_frame=round(1000 / tok_s, 3),
+        audio_decode_s=round(med(r.audio_decode_s for r in runs), 4),
+        audio_s=round(audio_s, 3),
+        real_time_factor=round(gen_s / audio_s, 4) if audio_s else None,
+        peak_device_memory_bytes=max(peaks) if peaks else None,
+        bandwidth_gb_s=round(bw, 3),
+        bandwidth_share_of_copy=round(bw / copy_gb_s, 4) if copy_gb_s else None,
+        graph=runs[-1].graph,
+        runs=list(runs),
+    )
 
 
 def kv_bytes_per_token(engine) -> int:
@@ -575,23 +761,143 @@ def warn_if_loaded(load: float | None, cores: int | None, progress: Progress, at
                       "the runs alternate)")
 
 
-def run_performance(engine, args, progress: Progress) -> dict:
+@dataclass
+class Spread:
+    min: float
+    max: float
+
+
+@dataclass
+class Budget:
+    """One token budget of the performance report: ours and stock side by side."""
+
+    tokens: int
+    bytes_read_per_step: int
+    ours: RunSummary
+    stock: RunSummary
+    ratio_tokens_per_s: float | None
+    ratio_pairs: list[float]
+    ratio_spread: Spread | None
+    ratio_prefill: float | None
+
+
+@dataclass
+class LoadAverage:
+    cores: int | None
+    start: float | None
+    end: float | None = None
+
+
+@dataclass
+class Target:
+    target: float
+    best: float
+    met: bool
+    note: str
+
+
+@dataclass
+class Targets:
+    gating: bool
+    ratio_vs_stock: Target
+    bandwidth_share: Target
+
+
+@dataclass
+class LongTextRun:
+    chunks: int
+    frames: int
+    audio_s: float
+    time_to_first_audio_s: float | None
+    total_s: float
+    generate_s: float
+    real_time_factor: float | None
+    pieces: int
+    usable_chunks: int
+
+
+@dataclass
+class StreamWindow:
+    context_frames: int
+    lookahead_frames: int
+
+
+@dataclass
+class StreamComparison:
+    same_codes: bool
+    snr_db: float | None
+    max_abs_diff: float | None
+
+
+@dataclass
+class LongText:
+    text: str
+    chunk_words: int
+    context_chunks: int
+    stream_window: StreamWindow
+    stream: LongTextRun
+    one_shot: LongTextRun
+    streamed_vs_one_decode: StreamComparison
+    note: str
+
+
+PERFORMANCE_DEFINITIONS = {
+    "graph": "ours: decode step mode the engine reported (on = CUDA/NPU graph replay, off = eager, "
+             "compile = torch.compile)",
+    "tokens_per_s": "decode steps per second after the prefill; one step = one frame of 8 codes",
+    "prefill_ms": "prompt forward until the first frame is available (time to first frame)",
+    "real_time_factor": "(prefill + decode + audio decode) seconds / audio seconds; < 1 is faster than real time",
+    "bytes_read_per_step": "weights one audio decode step reads (no text MLP / text head / text embeddings) "
+                           "+ KV cache at the mean context (prompt + tokens/2)",
+    "bandwidth_gb_s": "bytes_read_per_step x median tokens/s",
+    "ratio_tokens_per_s": "median over the repeats of ours / stock tokens/s of each back-to-back pair; "
+                          "ratio_spread: the smallest and largest pair",
+    "stock": "transformers model.generate(do_sample, temperature, top_k, top_p, eos_token_id=None) on the "
+             "same model object, default (dynamic) KV cache",
+}
+
+
+@dataclass
+class PerformanceResult:
+    text: str
+    prompt_tokens: int
+    seed: int
+    sampling: SamplingParams
+    repeats: int
+    load_average: LoadAverage
+    weights_bytes_per_step: int
+    kv_cache_bytes_per_token: int
+    long_text: LongText
+    copy_bandwidth: CopyBandwidth
+    budgets: list[Budget]
+    targets: Targets
+    checks: list[Check]
+
+    def to_json(self) -> dict:
+        j = {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}
+        j["sampling"]["note"] = "max_new_tokens replaced by each budget; EOS ignored (forced)"
+        head = {k: j.pop(k) for k in ("text", "prompt_tokens", "seed", "sampling", "repeats")}
+        return {**head, "warmup_runs": 1,
+                "order": "per budget: one warm-up each, then ours and stock alternate (ours, stock, ours, stock, ...)",
+                "load_average": j.pop("load_average"), "definitions": PERFORMANCE_DEFINITIONS, **j}
+
+
+def run_performance(engine, args, progress: Progress) -> PerformanceResult:
     params = SamplingParams(max_new_tokens=max(args.tokens))
     prompt = engine.build_prompt(args.text)
     prompt_len = int(len(prompt.input_ids))
     progress.step("performance: copy bandwidth")
     copy = copy_bandwidth(engine.device, engine.dtype)
-    progress.log(f"performance: device copy bandwidth {copy['gb_s']:.1f} GB/s")
+    progress.log(f"performance: device copy bandwidth {copy.gb_s:.1f} GB/s")
     weights = engine.decode_bytes_per_frame()
     kv = kv_bytes_per_token(engine)
     seed = args.seeds[0]
-    load = {"cores": os.cpu_count(), "start": load_average()}
-    warn_if_loaded(load["start"], load["cores"], progress)
+    load = LoadAverage(os.cpu_count(), load_average())
+    warn_if_loaded(load.start, load.cores, progress)
     budgets, checks = [], []
     contenders = (("ours", run_ours), ("stock", run_stock))
     for n in args.tokens:
         bytes_per_step = weights + kv * (prompt_len + n // 2)
-        row = {"tokens": n, "bytes_read_per_step": bytes_per_step}
         for name, fn in contenders:
             progress.step(f"performance: {name} {n} tokens warm-up")
             fn(engine, prompt, params, n, seed)
@@ -604,83 +910,69 @@ def run_performance(engine, args, progress: Progress) -> dict:
                 progress.step(f"performance: {name} {n} tokens {r + 1}/{args.repeats}")
                 runs[name].append(fn(engine, prompt, params, n, seed))
                 progress.done()
+        sides = {}
         for name, _ in contenders:
-            row[name] = summarize_runs(runs[name], bytes_per_step, copy["gb_s"])
+            sides[name] = summarize_runs(runs[name], bytes_per_step, copy.gb_s)
             ok = all(x.frames == n for x in runs[name])
             checks.append(check(f"performance: {name} ran the whole {n}-token budget", ok,
                                 [x.frames for x in runs[name]], f"frames == {n}"))
             if name == "ours":
                 fin = all(x.finite for x in runs[name])
                 checks.append(check(f"performance: ours {n} tokens gives finite audio", fin, fin, "no NaN/Inf"))
-        ours, stock = row["ours"]["decode_tokens_per_s"]["median"], row["stock"]["decode_tokens_per_s"]["median"]
+        ours, stock = sides["ours"].decode_tokens_per_s.median, sides["stock"].decode_tokens_per_s.median
         pairs = [o.tokens_per_s() / st.tokens_per_s() for o, st in zip(runs["ours"], runs["stock"])
                  if st.tokens_per_s() > 0]
-        row["ratio_tokens_per_s"] = round(statistics.median(pairs), 3) if pairs else None
-        row["ratio_pairs"] = [round(x, 3) for x in pairs]
-        row["ratio_spread"] = {"min": round(min(pairs), 3), "max": round(max(pairs), 3)} if pairs else None
-        row["ratio_prefill"] = round(row["stock"]["prefill_ms"] / row["ours"]["prefill_ms"], 3) \
-            if row["ours"]["prefill_ms"] else None
-        spread = row["ratio_spread"] or {"min": math.nan, "max": math.nan}
-        progress.log(f"performance: {n} tokens: ours (graph {row['ours']['graph']}) {ours:.1f} tok/s ({row['ours']['ms_per_frame']:.2f} ms/frame), "
-                     f"stock {stock:.1f} tok/s ({row['stock']['ms_per_frame']:.2f} ms/frame), "
-                     f"ours/stock {row['ratio_tokens_per_s'] or math.nan:.2f}x "
-                     f"(pairs {spread['min']:.2f}-{spread['max']:.2f})")
+        row = Budget(n, bytes_per_step, sides["ours"], sides["stock"],
+                     ratio_tokens_per_s=round(statistics.median(pairs), 3) if pairs else None,
+                     ratio_pairs=[round(x, 3) for x in pairs],
+                     ratio_spread=Spread(round(min(pairs), 3), round(max(pairs), 3)) if pairs else None,
+                     ratio_prefill=round(sides["stock"].prefill_ms / sides["ours"].prefill_ms, 3)
+                     if sides["ours"].prefill_ms else None)
+        spread = row.ratio_spread or Spread(math.nan, math.nan)
+        progress.log(f"performance: {n} tokens: ours (graph {row.ours.graph}) {ours:.1f} tok/s ({row.ours.ms_per_frame:.2f} ms/frame), "
+                     f"stock {stock:.1f} tok/s ({row.stock.ms_per_frame:.2f} ms/frame), "
+                     f"ours/stock {row.ratio_tokens_per_s or math.nan:.2f}x "
+                     f"(pairs {spread.min:.2f}-{spread.max:.2f})")
         budgets.append(row)
-    long_text = run_long_text(engine, args.long_text, params, seed, progress)
-    checks += long_text.pop("checks")
-    load["end"] = load_average()
-    warn_if_loaded(load["end"], load["cores"], progress, at_end=True)
+    long_text, long_text_checks = run_long_text(engine, args.long_text, params, seed, progress)
+    checks += long_text_checks
+    load.end = load_average()
+    warn_if_loaded(load.end, load.cores, progress, at_end=True)
     # a capture or compile failure decodes eagerly with one warning line; a gate must not pass that by
     expected = engine.decode_mode()
-    used = sorted({b["ours"]["graph"] for b in budgets})
+    used = sorted({b.ours.graph for b in budgets})
     checks.append(check("performance: ours decoded in the requested graph mode", used == [expected], used,
                         f"graph {expected} (--graph {engine.graph_mode} on {engine.device.type})",
                         "" if used == [expected] else "fell back to eager: see the warning line above"))
     accel = engine.device.type != "cpu"
     target_ratio = TARGET_RATIO_ACCEL if accel else TARGET_RATIO_CPU
-    best_ratio = max(b["ratio_tokens_per_s"] or 0 for b in budgets)
-    best_share = max(b["ours"]["bandwidth_share_of_copy"] or 0 for b in budgets)
-    return {
-        "text": args.text,
-        "prompt_tokens": prompt_len,
-        "seed": seed,
-        "sampling": vars(params) | {"note": "max_new_tokens replaced by each budget; EOS ignored (forced)"},
-        "repeats": args.repeats,
-        "warmup_runs": 1,
-        "order": "per budget: one warm-up each, then ours and stock alternate (ours, stock, ours, stock, ...)",
-        "load_average": load,
-        "definitions": {
-            "graph": "ours: decode step mode the engine reported (on = CUDA/NPU graph replay, off = eager, "
-                     "compile = torch.compile)",
-            "tokens_per_s": "decode steps per second after the prefill; one step = one frame of 8 codes",
-            "prefill_ms": "prompt forward until the first frame is available (time to first frame)",
-            "real_time_factor": "(prefill + decode + audio decode) seconds / audio seconds; < 1 is faster than real time",
-            "bytes_read_per_step": "weights one audio decode step reads (no text MLP / text head / text embeddings) "
-                                   "+ KV cache at the mean context (prompt + tokens/2)",
-            "bandwidth_gb_s": "bytes_read_per_step x median tokens/s",
-            "ratio_tokens_per_s": "median over the repeats of ours / stock tokens/s of each back-to-back pair; "
-                                  "ratio_spread: the smallest and largest pair",
-            "stock": "transformers model.generate(do_sample, temperature, top_k, top_p, eos_token_id=None) on the "
-                     "same model object, default (dynamic) KV cache",
-        },
-        "weights_bytes_per_step": weights,
-        "kv_cache_bytes_per_token": kv,
-        "long_text": long_text,
-        "copy_bandwidth": copy,
-        "budgets": budgets,
-        "targets": {
-            "gating": False,
-            "ratio_vs_stock": {"target": target_ratio, "best": best_ratio, "met": best_ratio >= target_ratio,
-                               "note": "target: >= 3x on accelerators, >= 2x on CPU tiny"},
-            "bandwidth_share": {"target": TARGET_BANDWIDTH_SHARE, "best": best_share,
-                                "met": best_share >= TARGET_BANDWIDTH_SHARE,
-                                "note": "meaningful at real widths on an accelerator"},
-        },
-        "checks": checks,
-    }
+    best_ratio = max(b.ratio_tokens_per_s or 0 for b in budgets)
+    best_share = max(b.ours.bandwidth_share_of_copy or 0 for b in budgets)
+    return PerformanceResult(
+        text=args.text,
+        prompt_tokens=prompt_len,
+        seed=seed,
+        sampling=params,
+        repeats=args.repeats,
+        load_average=load,
+        weights_bytes_per_step=weights,
+        kv_cache_bytes_per_token=kv,
+        long_text=long_text,
+        copy_bandwidth=copy,
+        budgets=budgets,
+        targets=Targets(
+            gating=False,
+            ratio_vs_stock=Target(target_ratio, best_ratio, best_ratio >= target_ratio,
+                                  "target: >= 3x on accelerators, >= 2x on CPU tiny"),
+            bandwidth_share=Target(TARGET_BANDWIDTH_SHARE, best_share, best_share >= TARGET_BANDWIDTH_SHARE,
+                                   "meaningful at real widths on an accelerator"),
+        ),
+        checks=checks,
+    )
 
 
-def run_long_text(engine, text: str, params: SamplingParams, seed: int, progress: Progress) -> dict:
+def run_long_text(engine, text: str, params: SamplingParams, seed: int,
+                  progress: Progress) -> tuple[LongText, list[Check]]:
     """One long text through inference.speak twice from one seed, --stream and one-shot: time to first audio,
     total time and real-time factor side by side, and a check that both give the same audio."""
     import numpy as np
@@ -695,11 +987,12 @@ def run_long_text(engine, text: str, params: SamplingParams, seed: int, progress
         result = speech.result
         audio_s = result.samples / SAMPLE_RATE
         ttfa = result.time_to_first_audio_s
-        rows[name] = {"chunks": len(result.chunks), "frames": int(result.codes.shape[0]), "audio_s": round(audio_s, 3),
-                      "time_to_first_audio_s": None if ttfa is None else round(ttfa, 4),
-                      "total_s": round(result.total_s, 4), "generate_s": round(result.generate_s, 4),
-                      "real_time_factor": round(result.total_s / audio_s, 4) if audio_s else None,
-                      "pieces": len(pieces), "usable_chunks": sum(c.usable for c in result.chunks)}
+        rows[name] = LongTextRun(chunks=len(result.chunks), frames=int(result.codes.shape[0]),
+                                 audio_s=round(audio_s, 3),
+                                 time_to_first_audio_s=None if ttfa is None else round(ttfa, 4),
+                                 total_s=round(result.total_s, 4), generate_s=round(result.generate_s, 4),
+                                 real_time_factor=round(result.total_s / audio_s, 4) if audio_s else None,
+                                 pieces=len(pieces), usable_chunks=sum(c.usable for c in result.chunks))
         outputs[name] = (np.concatenate(pieces) if pieces else np.zeros(0, np.float32), result.codes)
     (streamed, codes_s), (whole, codes_w) = outputs["stream"], outputs["one_shot"]
     # the finite-audio check judges NaN / Inf; here a NaN where the other run has one is the same sample
@@ -711,26 +1004,26 @@ def run_long_text(engine, text: str, params: SamplingParams, seed: int, progress
         snr = math.inf if err == 0 else 10 * math.log10(float(np.sum(whole.astype(np.float64) ** 2)) / err)
         max_diff = float(np.abs(streamed - whole).max())
     s, w = rows["stream"], rows["one_shot"]
-    progress.log(f"performance: long text ({s['chunks']} chunks, {s['audio_s']:.1f} s of audio): time to first audio "
-                 f"{s['time_to_first_audio_s']} s streamed vs {w['time_to_first_audio_s']} s one-shot; real-time "
-                 f"factor {s['real_time_factor']} vs {w['real_time_factor']}; streamed vs one decode: SNR "
+    progress.log(f"performance: long text ({s.chunks} chunks, {s.audio_s:.1f} s of audio): time to first audio "
+                 f"{s.time_to_first_audio_s} s streamed vs {w.time_to_first_audio_s} s one-shot; real-time "
+                 f"factor {s.real_time_factor} vs {w.real_time_factor}; streamed vs one decode: SNR "
                  f"{snr:.1f} dB, max abs diff {max_diff}")
     ok = same_codes and snr >= STREAM_MIN_SNR_DB
-    return {
-        "text": text,
-        "chunk_words": inference.CHUNK_WORDS,
-        "context_chunks": inference.CONTEXT_CHUNKS,
-        "stream_window": {"context_frames": inference.STREAM_CONTEXT, "lookahead_frames": inference.STREAM_LOOKAHEAD},
-        "stream": s,
-        "one_shot": w,
-        "streamed_vs_one_decode": {"same_codes": same_codes, "snr_db": None if math.isnan(snr) else
-                                   (999.0 if math.isinf(snr) else round(snr, 1)), "max_abs_diff": max_diff},
-        "note": "one seed, --retries 0, default --chunk_words / --context_chunks; time to first audio: from the "
-                "call to the first audio piece (one-shot: the whole text); real-time factor: total s / audio s",
-        "checks": [check("performance: long text streamed equals its one-shot decode", ok,
-                         None if math.isnan(snr) else round(min(snr, 999.0), 1), f"same codes, SNR >= "
-                         f"{STREAM_MIN_SNR_DB:g} dB", "" if same_codes else "the two runs gave other codes")],
-    }
+    long_text = LongText(
+        text=text,
+        chunk_words=inference.CHUNK_WORDS,
+        context_chunks=inference.CONTEXT_CHUNKS,
+        stream_window=StreamWindow(inference.STREAM_CONTEXT, inference.STREAM_LOOKAHEAD),
+        stream=s,
+        one_shot=w,
+        streamed_vs_one_decode=StreamComparison(same_codes, None if math.isnan(snr) else
+                                                (999.0 if math.isinf(snr) else round(snr, 1)), max_diff),
+        note="one seed, --retries 0, default --chunk_words / --context_chunks; time to first audio: from the "
+             "call to the first audio piece (one-shot: the whole text); real-time factor: total s / audio s",
+    )
+    return long_text, [check("performance: long text streamed equals its one-shot decode", ok,
+                             None if math.isnan(snr) else round(min(snr, 999.0), 1), f"same codes, SNR >= "
+                             f"{STREAM_MIN_SNR_DB:g} dB", "" if same_codes else "the two runs gave other codes")]
 
 
 # --------------------------------------------------------------------------- images (no matplotlib)
@@ -858,12 +1151,65 @@ def quality_models(args, device, progress: Progress):
     return asr, quality.SpeakerEncoder(sv_path, device), None
 
 
-def score_clip(clip: dict, audio, rate: int, asr, sv, ref) -> dict:
+@dataclass
+class ClipScore:
+    """What the quality mode measured of one clip."""
+
+    lang: str
+    transcript: str
+    metric: str
+    error: float | None
+    substitutions: int
+    deletions: int
+    insertions: int
+    reference_units: int
+    alignment: list  # of quality.Aligned
+    duration_s: float
+    trailing_silence_s: float
+    speech_rate: float | None
+    speech_rate_unit: str
+    similarity: float | None = None
+    similarity_note: str | None = None  # in the JSON only when there is one
+
+    def to_json(self) -> dict:
+        out = {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}
+        if self.similarity_note is None:
+            del out["similarity_note"]
+        return out
+
+
+@dataclass
+class Clip:
+    """One clip of quality.json: where it came from, then its score's fields."""
+
+    id: str
+    text: str
+    seed: int | None
+    ref_audio: str | None
+    finished_by_eos: bool | None
+    hit_max_new_tokens: bool | None
+    usable: bool | None
+    wav: str | None
+    score: ClipScore
+    similarity_note: str | None = None  # known before scoring (--from: the reference is missing); JSON: after wav
+
+    def to_json(self) -> dict:
+        out = {f.name: jsonable(getattr(self, f.name)) for f in fields(self)
+               if f.name not in ("score", "similarity_note")}
+        if self.similarity_note is not None:
+            out["similarity_note"] = self.similarity_note
+        return out | self.score.to_json()
+
+    @property
+    def why_no_similarity(self) -> str | None:
+        return self.similarity_note or self.score.similarity_note
+
+
+def score_clip(cid: str, text: str, audio, rate: int, asr, sv, ref) -> ClipScore:
     """Transcript, WER/CER, SIM (when `ref` = (audio, rate) of the reference voice), duration, trailing
-    silence and speech rate of one clip, into `clip`."""
+    silence and speech rate of clip `cid`."""
     import quality
 
-    text = clip["text"]
     lang = quality.language_of(text)
     if audio is None or audio.size == 0:
         transcript, duration, silence = "", 0.0, 0.0
@@ -871,94 +1217,153 @@ def score_clip(clip: dict, audio, rate: int, asr, sv, ref) -> dict:
         transcript = asr(audio, rate, lang)
         duration, silence = round(audio.size / rate, 3), quality.trailing_silence_s(audio, rate)
     s = quality.score(text, transcript, lang)
-    clip.update(lang=lang, transcript=transcript, metric=s.metric, error=None if s.error is None else round(s.error, 4),
-                substitutions=s.substitutions, deletions=s.deletions, insertions=s.insertions,
-                reference_units=s.reference_units, alignment=s.alignment, duration_s=duration,
-                trailing_silence_s=silence, speech_rate=quality.speech_rate(s, duration - silence),
-                speech_rate_unit=f"{s.unit}s/s")
-    clip["similarity"] = None
+    out = ClipScore(lang=lang, transcript=transcript, metric=s.metric,
+                    error=None if s.error is None else round(s.error, 4), substitutions=s.substitutions,
+                    deletions=s.deletions, insertions=s.insertions, reference_units=s.reference_units,
+                    alignment=s.alignment, duration_s=duration, trailing_silence_s=silence,
+                    speech_rate=quality.speech_rate(s, duration - silence), speech_rate_unit=f"{s.unit}s/s")
     if ref is not None and sv is not None and audio is not None and audio.size:
         sim = sv.similarity(audio, rate, *ref)
         if sim is None:
-            clip["similarity_note"] = f"{clip['id']}: too short for the speaker model"
+            out.similarity_note = f"{cid}: too short for the speaker model"
         else:
-            clip["similarity"] = round(sim, 4)
-    return clip
+            out.similarity = round(sim, 4)
+    return out
 
 
-def quality_checks(clips: list[dict], sv_note: str | None) -> list[dict]:
+def quality_checks(clips: list[Clip], sv_note: str | None) -> list[Check]:
     import quality
 
     checks = []
     for lang, metric, limit in (("en", "WER", MAX_WER), ("zh", "CER", MAX_CER)):
-        errors = [c["error"] for c in clips if c["lang"] == lang and c["error"] is not None]
+        errors = [c.score.error for c in clips if c.score.lang == lang and c.score.error is not None]
         value = quality.mean(errors)
-        worst = sorted((c for c in clips if c["lang"] == lang and c["error"]), key=lambda c: -c["error"])[:3]
+        worst = sorted((c for c in clips if c.score.lang == lang and c.score.error),
+                       key=lambda c: -c.score.error)[:3]
         checks.append(check(f"quality: mean {metric} of the {'English' if lang == 'en' else 'Chinese'} clips",
                             None if value is None else value <= limit, None if value is None else round(value, 4),
                             f"{metric} <= {limit:.0%} (Whisper, Seed-TTS-eval normalisation)",
                             f"no {lang} clip" if value is None else
-                            "; ".join(f"{c['id']}: {c['error']:.0%}" for c in worst)))
-    cloned = [c for c in clips if c.get("ref_audio")]
-    sims = [c["similarity"] for c in cloned if c["similarity"] is not None]
+                            "; ".join(f"{c.id}: {c.score.error:.0%}" for c in worst)))
+    cloned = [c for c in clips if c.ref_audio]
+    sims = [c.score.similarity for c in cloned if c.score.similarity is not None]
     value = quality.mean(sims)
     if not cloned:
         why = "no clip has a reference voice (pass --ref_audio)"
     elif sv_note:
         why = sv_note
     else:
-        why = "; ".join(c["similarity_note"] for c in cloned if c.get("similarity_note"))
+        why = "; ".join(c.why_no_similarity for c in cloned if c.why_no_similarity)
     checks.append(check("quality: mean speaker similarity of the cloned clips", None if value is None else
                         value >= MIN_SIM, None if value is None else round(value, 4),
                         f"cosine >= {MIN_SIM} (WavLMForXVector)", why))
-    long_tail = [c for c in clips if c["trailing_silence_s"] > MAX_TRAILING_SILENCE_S]
-    worst = max((c["trailing_silence_s"] for c in clips), default=0.0)
+    long_tail = [c for c in clips if c.score.trailing_silence_s > MAX_TRAILING_SILENCE_S]
+    worst = max((c.score.trailing_silence_s for c in clips), default=0.0)
     checks.append(check("quality: no clip ends in a long silence", not long_tail, worst,
                         f"trailing silence <= {MAX_TRAILING_SILENCE_S} s (40 ms frames below -50 dBFS)",
-                        "; ".join(f"{c['id']}: {c['trailing_silence_s']:.2f} s" for c in long_tail)))
+                        "; ".join(f"{c.id}: {c.score.trailing_silence_s:.2f} s" for c in long_tail)))
     return checks
 
 
-def quality_result(clips: list[dict], checks: list[dict], source: str, asr, sv, extra: dict) -> dict:
+@dataclass
+class QualityThresholds:
+    max_wer: float
+    max_cer: float
+    min_sim: float
+    max_trailing_silence_s: float
+    aggregate: str
+
+
+@dataclass
+class QualitySummary:
+    wer_mean: float | None
+    en_clips: int
+    cer_mean: float | None
+    zh_clips: int
+    sim_mean: float | None
+    cloned_clips: int
+    max_trailing_silence_s: float | None
+    hit_max_new_tokens: int
+
+
+@dataclass
+class GeneratedSet:
+    """How the quality mode generated the built-in set (not there with --from)."""
+
+    sampling: SamplingParams
+    seed: int
+    ref_audio: str | None
+    ref_text: str | None
+
+    def to_json(self) -> dict:
+        return {"sampling": {**jsonable(self.sampling), "seed": self.seed, "retries": 0,
+                             "note": "inference.py defaults; max_new_tokens = max(--tokens); one attempt per sentence"},
+                "ref_audio": self.ref_audio, "ref_text": self.ref_text}
+
+
+QUALITY_NORMALISATION = (
+    "Seed-TTS-eval run_wer.py process_one (zhon + ASCII punctuation removed except \"'\"; "
+    "Chinese split into characters, zhconv zh-cn), plus: full-width forms folded, typographic "
+    "apostrophes kept as \"'\", both sides simplified and lower-cased; jiwer edit distance")
+
+
+@dataclass
+class QualityResult:
+    source: str
+    asr_model: str
+    sv_model: str | None
+    thresholds: QualityThresholds
+    published: Published
+    generated: GeneratedSet | None  # its fields spread out in the JSON
+    summary: QualitySummary
+    clips: list[Clip]
+    checks: list[Check]
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "asr_model": self.asr_model, "sv_model": self.sv_model,
+                "thresholds": jsonable(self.thresholds), "normalisation": QUALITY_NORMALISATION,
+                "published": jsonable(self.published),
+                **(self.generated.to_json() if self.generated is not None else {}),
+                "summary": jsonable(self.summary), "clips": jsonable(self.clips), "checks": jsonable(self.checks)}
+
+
+def quality_result(clips: list[Clip], checks: list[Check], source: str, asr, sv,
+                   generated: GeneratedSet | None) -> QualityResult:
     import quality
 
     def avg(key, pred):
-        return quality.mean(c[key] for c in clips if pred(c))
+        return quality.mean(getattr(c.score, key) for c in clips if pred(c))
 
-    wer, cer = avg("error", lambda c: c["lang"] == "en"), avg("error", lambda c: c["lang"] == "zh")
-    sim = avg("similarity", lambda c: c.get("ref_audio"))
-    return {
-        "source": source,
-        "asr_model": str(asr.path),
-        "sv_model": None if sv is None else str(sv.path),
-        "thresholds": {"max_wer": MAX_WER, "max_cer": MAX_CER, "min_sim": MIN_SIM,
-                       "max_trailing_silence_s": MAX_TRAILING_SILENCE_S, "aggregate": "mean over the clips"},
-        "normalisation": "Seed-TTS-eval run_wer.py process_one (zhon + ASCII punctuation removed except \"'\"; "
-                         "Chinese split into characters, zhconv zh-cn), plus: full-width forms folded, typographic "
-                         "apostrophes kept as \"'\", both sides simplified and lower-cased; jiwer edit distance",
-        "published": BOSON_PUBLISHED,
-        **extra,
-        "summary": {
-            "wer_mean": None if wer is None else round(wer, 4), "en_clips": sum(c["lang"] == "en" for c in clips),
-            "cer_mean": None if cer is None else round(cer, 4), "zh_clips": sum(c["lang"] == "zh" for c in clips),
-            "sim_mean": None if sim is None else round(sim, 4), "cloned_clips": sum(bool(c.get("ref_audio"))
-                                                                                      for c in clips),
-            "max_trailing_silence_s": max((c["trailing_silence_s"] for c in clips), default=None),
-            "hit_max_new_tokens": sum(bool(c.get("hit_max_new_tokens")) for c in clips),
-        },
-        "clips": clips,
-        "checks": checks,
-    }
+    wer, cer = avg("error", lambda c: c.score.lang == "en"), avg("error", lambda c: c.score.lang == "zh")
+    sim = avg("similarity", lambda c: c.ref_audio)
+    return QualityResult(
+        source=source,
+        asr_model=str(asr.path),
+        sv_model=None if sv is None else str(sv.path),
+        thresholds=QualityThresholds(MAX_WER, MAX_CER, MIN_SIM, MAX_TRAILING_SILENCE_S, "mean over the clips"),
+        published=BOSON_PUBLISHED,
+        generated=generated,
+        summary=QualitySummary(
+            wer_mean=None if wer is None else round(wer, 4), en_clips=sum(c.score.lang == "en" for c in clips),
+            cer_mean=None if cer is None else round(cer, 4), zh_clips=sum(c.score.lang == "zh" for c in clips),
+            sim_mean=None if sim is None else round(sim, 4), cloned_clips=sum(bool(c.ref_audio) for c in clips),
+            max_trailing_silence_s=max((c.score.trailing_silence_s for c in clips), default=None),
+            hit_max_new_tokens=sum(bool(c.hit_max_new_tokens) for c in clips),
+        ),
+        clips=clips,
+        checks=checks,
+    )
 
 
-def log_clip(progress: Progress, clip: dict) -> None:
-    err = "–" if clip["error"] is None else f"{clip['error']:.0%}"
-    sim = "" if clip["similarity"] is None else f", SIM {clip['similarity']:.3f}"
-    progress.log(f"quality: {clip['id']}: {clip['metric']} {err}{sim}, {clip['duration_s']:.2f} s, heard "
-                 f"{inference.cut(clip['transcript'], 60)!r}")
+def log_clip(progress: Progress, clip: Clip) -> None:
+    s = clip.score
+    err = "–" if s.error is None else f"{s.error:.0%}"
+    sim = "" if s.similarity is None else f", SIM {s.similarity:.3f}"
+    progress.log(f"quality: {clip.id}: {s.metric} {err}{sim}, {s.duration_s:.2f} s, heard "
+                 f"{inference.cut(s.transcript, 60)!r}")
 
 
-def run_quality(engine, args, out_dir: Path, progress: Progress) -> dict:
+def run_quality(engine, args, out_dir: Path, progress: Progress) -> QualityResult:
     """The built-in set (+ 2 cloning prompts with --ref_audio), generated with the engine, then scored."""
     asr, sv, sv_note = quality_models(args, engine.device, progress)
     params = SamplingParams(max_new_tokens=max(args.tokens))
@@ -985,42 +1390,71 @@ def run_quality(engine, args, out_dir: Path, progress: Progress) -> dict:
             progress.done()
             for (cid, text, ref_path), result in zip(batch, results):
                 best = result.best
-                clip = {"id": cid, "text": text, "seed": best.generation.seed, "ref_audio": ref_path,
-                        "finished_by_eos": best.generation.finished, "hit_max_new_tokens": not best.generation.finished,
-                        "usable": result.usable, "wav": None}
+                wav_name = None
                 if best.audio is not None:
                     wav = audio_dir / f"quality_{cid}.wav"
                     inference.write_wav_atomic(wav, best.audio)
-                    clip["wav"] = str(wav.relative_to(out_dir))
+                    wav_name = str(wav.relative_to(out_dir))
                 progress.step(f"quality: scoring {cid}")
-                score_clip(clip, best.audio, inference.SAMPLE_RATE, asr, sv, ref if ref_path else None)
+                clip = Clip(id=cid, text=text, seed=best.generation.seed, ref_audio=ref_path,
+                            finished_by_eos=best.generation.finished,
+                            hit_max_new_tokens=not best.generation.finished, usable=result.usable, wav=wav_name,
+                            score=score_clip(cid, text, best.audio, inference.SAMPLE_RATE, asr, sv,
+                                             ref if ref_path else None))
                 clips.append(clip)
                 log_clip(progress, clip)
                 progress.done()
-    extra = {"sampling": {**vars(params), "seed": seed, "retries": 0,
-                          "note": "inference.py defaults; max_new_tokens = max(--tokens); one attempt per sentence"},
-             "ref_audio": args.ref_audio, "ref_text": args.ref_text}
+    generated = GeneratedSet(params, seed, args.ref_audio, args.ref_text)
     source = f"built-in set: {len(QUALITY_SENTENCES)} sentences" + (
         f" + {len(CLONE_SENTENCES)} cloned in the voice of {args.ref_audio}" if args.ref_audio else "")
-    return quality_result(clips, quality_checks(clips, sv_note), source, asr, sv, extra)
+    return quality_result(clips, quality_checks(clips, sv_note), source, asr, sv, generated)
 
 
-def sidecars(from_dir: Path) -> list[tuple[Path, dict]]:
-    """(sidecar path, its JSON) of every inference.py output in the folder: a JSON with a "text"."""
-    found = []
-    for path in sorted(from_dir.glob("*.json")):
-        try:
-            data = inference.read_json(path)
-        except UserError:
-            continue
-        if isinstance(data.get("text"), str) and "sample_rate" in data:
-            found.append((path, data))
+@dataclass
+class Sidecar:
+    """What --from reads of one inference.py JSON sidecar, its types checked where it is read."""
+
+    path: Path
+    text: str
+    seed_used: int | None
+    finished_by_eos: bool | None
+    usable: bool | None
+    ref_audio: str | None  # parameters.ref_audio
+
+
+def read_sidecar(path: Path) -> Sidecar | None:
+    """The sidecar at `path`; None for a JSON that is not one: unreadable, no "text" string and "sample_rate",
+    or (with a warning line) a field of another type than inference.py writes."""
+    try:
+        data = inference.read_json(path)
+    except UserError:
+        return None
+    if not (isinstance(data.get("text"), str) and "sample_rate" in data):
+        return None
+    params = data.get("parameters") if isinstance(data.get("parameters"), dict) else {}
+    expected = {"seed_used": (data, int), "finished_by_eos": (data, bool), "usable": (data, bool),
+                "ref_audio": (params, str)}
+    for key, (where, kind) in expected.items():
+        value = where.get(key)
+        # bool is an int to isinstance, but not a seed
+        if value is not None and not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
+            print(f"warning: --from {path}: {'parameters.' if where is params else ''}{key} is "
+                  f"{inference.cut(repr(value), 40)}, not {kind.__name__} or null as inference.py writes it: "
+                  "file skipped", file=sys.stderr)
+            return None
+    return Sidecar(path, data["text"], data.get("seed_used"), data.get("finished_by_eos"), data.get("usable"),
+                   params.get("ref_audio"))
+
+
+def sidecars(from_dir: Path) -> list[Sidecar]:
+    """Every inference.py output in the folder: a JSON with a "text"."""
+    found = [sc for sc in map(read_sidecar, sorted(from_dir.glob("*.json"))) if sc is not None]
     if not found:
         raise UserError(f"--from {from_dir}: no inference.py output there (WAV files with their JSON sidecars)")
     return found
 
 
-def reference_path(value, from_dir: Path) -> Path | None:
+def reference_path(value: str | None, from_dir: Path) -> Path | None:
     """A sidecar's parameters.ref_audio, as given to inference.py: relative to where it ran, or to the folder."""
     if not value:
         return None
@@ -1030,37 +1464,35 @@ def reference_path(value, from_dir: Path) -> Path | None:
     return None
 
 
-def run_quality_from(args, device, out_dir: Path, progress: Progress) -> dict:
+def run_quality_from(args, device, out_dir: Path, progress: Progress) -> QualityResult:
     """Score an existing inference.py output folder: nothing is generated."""
-    import quality
-
-    found = args.from_sidecars
     asr, sv, sv_note = quality_models(args, device, progress)
     refs: dict[Path, tuple] = {}
     clips = []
-    for path, data in found:
-        wav = path.with_suffix(".wav")
-        params = data.get("parameters") if isinstance(data.get("parameters"), dict) else {}
-        finished = data.get("finished_by_eos")
-        clip = {"id": path.stem, "text": data["text"], "seed": data.get("seed_used"),
-                "ref_audio": params.get("ref_audio"), "finished_by_eos": finished,
-                "hit_max_new_tokens": None if finished is None else not finished, "usable": data.get("usable"),
-                "wav": str(wav.resolve()) if wav.is_file() else None}
+    for sc in args.from_sidecars:
+        cid = sc.path.stem
+        wav = sc.path.with_suffix(".wav")
         audio, rate = inference.read_audio(wav, "--from") if wav.is_file() else (None, inference.SAMPLE_RATE)
-        ref = None
-        if clip["ref_audio"]:
-            ref_path = reference_path(clip["ref_audio"], args.from_dir)
+        ref = note = None
+        if sc.ref_audio:
+            ref_path = reference_path(sc.ref_audio, args.from_dir)
             if ref_path is None:
-                clip["similarity_note"] = f"{clip['id']}: reference {clip['ref_audio']} not found"
+                note = f"{cid}: reference {sc.ref_audio} not found"
             else:
-                ref = refs.setdefault(ref_path, inference.read_audio(ref_path, "reference audio"))
-        progress.step(f"quality: scoring {clip['id']}")
-        score_clip(clip, audio, rate, asr, sv, ref)
+                if ref_path not in refs:  # one read per reference file, however many clips share it
+                    refs[ref_path] = inference.read_audio(ref_path, "reference audio")
+                ref = refs[ref_path]
+        progress.step(f"quality: scoring {cid}")
+        finished = sc.finished_by_eos
+        clip = Clip(id=cid, text=sc.text, seed=sc.seed_used, ref_audio=sc.ref_audio, finished_by_eos=finished,
+                    hit_max_new_tokens=None if finished is None else not finished, usable=sc.usable,
+                    wav=str(wav.resolve()) if wav.is_file() else None,
+                    score=score_clip(cid, sc.text, audio, rate, asr, sv, ref), similarity_note=note)
         clips.append(clip)
         log_clip(progress, clip)
         progress.done()
     return quality_result(clips, quality_checks(clips, sv_note), f"--from {args.from_dir}: {len(clips)} clips", asr,
-                          sv, {})
+                          sv, None)
 
 
 # --------------------------------------------------------------------------- report.html
@@ -1099,7 +1531,7 @@ def _table(rows: list[list], head: list[str]) -> str:
     return "".join(out) + "</table>"
 
 
-def _wav_card(title: str, wav_path: Path, stats: dict) -> str:
+def _wav_card(title: str, wav_path: Path, stats: SignalMetrics, frames: int) -> str:
     import numpy as np
     import soundfile as sf
 
@@ -1109,8 +1541,10 @@ def _wav_card(title: str, wav_path: Path, stats: dict) -> str:
     scale = waveform_scale(audio)
     wave = base64.b64encode(png_bytes(waveform_image(audio, scale=scale))).decode()
     spec = base64.b64encode(png_bytes(spectrogram_image(audio))).decode()
-    facts = ", ".join(f"{k} {_fmt(stats.get(k))}" for k in ("duration_s", "rms", "peak", "clipping_ratio",
-                                                              "longest_silent_run_s", "frames") if k in stats)
+    facts = ", ".join(f"{k} {_fmt(v)}" for k, v in (
+        ("duration_s", stats.duration_s), ("rms", stats.rms), ("peak", stats.peak),
+        ("clipping_ratio", stats.clipping_ratio), ("longest_silent_run_s", stats.longest_silent_run_s),
+        ("frames", frames)))
     return (f'<div class="card"><b>{html.escape(title)}</b> <span class="muted">{html.escape(str(wav_path.name))}: '
             f'{facts}</span>'
             f'<audio controls preload="metadata" src="data:audio/wav;base64,{base64.b64encode(data).decode()}"></audio>'
@@ -1119,147 +1553,153 @@ def _wav_card(title: str, wav_path: Path, stats: dict) -> str:
             f'<div class="muted">top: waveform, full height = &plusmn;{scale:g}; bottom: spectrogram 0-12 kHz, 80 dB range</div></div>')
 
 
-def _ratio_cell(budget: dict) -> str:
-    ratio, spread = budget["ratio_tokens_per_s"], budget.get("ratio_spread")
+def _ratio_cell(budget: Budget) -> str:
+    ratio, spread = budget.ratio_tokens_per_s, budget.ratio_spread
     if ratio is None:
         return "–"
-    return f"<b>{ratio:.2f}×</b>" + (f" ({spread['min']:.2f}–{spread['max']:.2f})" if spread else "")
+    return f"<b>{ratio:.2f}×</b>" + (f" ({spread.min:.2f}–{spread.max:.2f})" if spread else "")
 
 
-def marked_transcript(clip: dict) -> str:
-    """The normalised transcript with what differs from the text marked: a substituted or inserted word
-    highlighted (the text's word in its tooltip), a word of the text not heard struck through."""
-    sep = "" if clip.get("lang") == "zh" else " "
+def marked_transcript(lang: str, alignment: list) -> str:
+    """The normalised transcript (`alignment`: quality.Aligned steps) with what differs from the text marked:
+    a substituted or inserted word highlighted (the text's word in its tooltip), a word of the text not heard
+    struck through."""
+    sep = "" if lang == "zh" else " "
     out = []
-    for a in clip.get("alignment") or []:
-        ref, hyp = html.escape(a["ref"]), html.escape(a["hyp"])
-        if a["op"] == "equal":
+    for a in alignment:
+        ref, hyp = html.escape(a.ref), html.escape(a.hyp)
+        if a.op == "equal":
             out.append(hyp)
-        elif a["op"] == "substitute":
+        elif a.op == "substitute":
             out.append(f'<mark title="the text says: {ref}">{hyp}</mark>')
-        elif a["op"] == "insert":
+        elif a.op == "insert":
             out.append(f'<mark style="background:#ffd8b5" title="not in the text">{hyp}</mark>')
         else:
             out.append(f'<del style="color:#cf222e" title="in the text, not heard">{ref}</del>')
     return sep.join(out) or "<span class='muted'>(nothing heard)</span>"
 
 
-def _clip_player(clip: dict, out_dir: Path) -> str:
-    if not clip.get("wav"):
+def _clip_player(clip: Clip, out_dir: Path) -> str:
+    if not clip.wav:
         return "–"
-    data = (out_dir / clip["wav"]).read_bytes()  # an absolute path (--from) stays itself
+    data = (out_dir / clip.wav).read_bytes()  # an absolute path (--from) stays itself
     return (f'<audio controls preload="none" style="width:220px" '
             f'src="data:audio/wav;base64,{base64.b64encode(data).decode()}"></audio>')
 
 
-def quality_html(q: dict, out_dir: Path) -> str:
-    s, t = q["summary"], q["thresholds"]
+def quality_html(q: QualityResult, out_dir: Path) -> str:
+    s, t = q.summary, q.thresholds
 
     def pct(v):
         return "–" if v is None else f"{v * 100:.2f} %"
 
     parts = ["<h2>Quality: intelligibility and voice (Seed-TTS-eval style)</h2>",
-             f"<div class='muted'>{html.escape(q['source'])}; ASR {html.escape(q['asr_model'])}, speaker model "
-             f"{html.escape(str(q['sv_model'] or 'none'))}</div>"]
-    pub = q["published"]
+             f"<div class='muted'>{html.escape(q.source)}; ASR {html.escape(q.asr_model)}, speaker model "
+             f"{html.escape(str(q.sv_model or 'none'))}</div>"]
+    pub = q.published
     parts.append(_table([
-        ["mean WER, English", pct(s["wer_mean"]), f"&le; {t['max_wer'] * 100:g} %", str(s["en_clips"]),
-         f"{pub['wer_percent']} %"],
-        ["mean CER, Chinese", pct(s["cer_mean"]), f"&le; {t['max_cer'] * 100:g} %", str(s["zh_clips"]), "–"],
-        ["mean speaker similarity", pct(s["sim_mean"]), f"&ge; {t['min_sim'] * 100:g} %", str(s["cloned_clips"]),
-         f"{pub['sim_percent']} %"],
-        ["longest trailing silence", _fmt(s["max_trailing_silence_s"]), f"&le; {t['max_trailing_silence_s']} s",
+        ["mean WER, English", pct(s.wer_mean), f"&le; {t.max_wer * 100:g} %", str(s.en_clips),
+         f"{pub.wer_percent} %"],
+        ["mean CER, Chinese", pct(s.cer_mean), f"&le; {t.max_cer * 100:g} %", str(s.zh_clips), "–"],
+        ["mean speaker similarity", pct(s.sim_mean), f"&ge; {t.min_sim * 100:g} %", str(s.cloned_clips),
+         f"{pub.sim_percent} %"],
+        ["longest trailing silence", _fmt(s.max_trailing_silence_s), f"&le; {t.max_trailing_silence_s} s",
          "", "–"],
-        ["clips without EOS (hit max_new_tokens)", str(s["hit_max_new_tokens"]), "reported", "", "–"],
+        ["clips without EOS (hit max_new_tokens)", str(s.hit_max_new_tokens), "reported", "", "–"],
     ], ["measure", "this run", "gate", "clips", "Boson published"]))
-    parts.append(f"<div class='muted'>{html.escape(pub['note'])}; not the same sentences, ASR for Chinese or "
+    parts.append(f"<div class='muted'>{html.escape(pub.note)}; not the same sentences, ASR for Chinese or "
                  "speaker model as this run: a guide, not a like-for-like comparison (docs/quality.md)</div>")
     rows = []
-    for c in q["clips"]:
-        err = "–" if c["error"] is None else f"{c['metric']} {c['error'] * 100:.1f} %"
-        rows.append([html.escape(c["id"]), html.escape(c["text"]),
-                     marked_transcript(c) + f"<div class='muted'>{html.escape(c['transcript'])}</div>", err,
-                     _fmt(c["similarity"]), _fmt(c["duration_s"]), _fmt(c["trailing_silence_s"]),
-                     _fmt(c["speech_rate"]), "–" if c["finished_by_eos"] is None else
-                     ("yes" if c["finished_by_eos"] else "<b>no</b>"), _clip_player(c, out_dir)])
+    for c in q.clips:
+        cs = c.score
+        err = "–" if cs.error is None else f"{cs.metric} {cs.error * 100:.1f} %"
+        rows.append([html.escape(c.id), html.escape(c.text),
+                     marked_transcript(cs.lang, cs.alignment)
+                     + f"<div class='muted'>{html.escape(cs.transcript)}</div>", err,
+                     _fmt(cs.similarity), _fmt(cs.duration_s), _fmt(cs.trailing_silence_s),
+                     _fmt(cs.speech_rate), "–" if c.finished_by_eos is None else
+                     ("yes" if c.finished_by_eos else "<b>no</b>"), _clip_player(c, out_dir)])
     parts.append(_table(rows, ["clip", "text", "heard (differences marked)", "error", "SIM", "s",
                                "trailing silence s", "rate /s", "EOS", "listen"]))
     return "\n".join(parts)
 
 
-def render_html(summary: dict, precision: dict | None, performance: dict | None, out_dir: Path,
-                quality: dict | None = None) -> str:
-    env = summary["environment"]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Higgs Audio eval: {summary['status']}</title>"
+def _signal(s: SeedRun, key: str):
+    return None if s.signal is None else getattr(s.signal, key)
+
+
+def render_html(summary: Summary, precision: PrecisionResult | None, performance: PerformanceResult | None,
+                out_dir: Path, quality: QualityResult | None = None) -> str:
+    env = summary.environment
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Higgs Audio eval: {summary.status}</title>"
              f"<style>{_CSS}</style></head><body>",
-             f"<h1>Higgs Audio V2 evaluation {_badge(summary['status'], True)}</h1>",
-             f"<div class='muted'>{html.escape(summary['finished_at'])} · mode {summary['mode']} · "
-             f"{summary['checks_passed']} passed, {summary['checks_failed']} failed, "
-             f"{summary['checks_skipped']} skipped</div>"]
+             f"<h1>Higgs Audio V2 evaluation {_badge(summary.status, True)}</h1>",
+             f"<div class='muted'>{html.escape(summary.finished_at)} · mode {summary.mode} · "
+             f"{summary.checks_passed} passed, {summary.checks_failed} failed, "
+             f"{summary.checks_skipped} skipped</div>"]
     parts.append("<h2>Summary</h2>")
     rows = [["device", f"{_fmt(env['device'])} ({_fmt(env['device_name'])})"], ["dtype", _fmt(env["dtype"])],
-            ["model", _fmt(summary["model"])], ["torch / torch_npu / transformers",
+            ["model", _fmt(summary.model)], ["torch / torch_npu / transformers",
                                                 f"{_fmt(env['torch'])} / {_fmt(env['torch_npu'])} / "
                                                 f"{_fmt(env['transformers'])}"], ["CANN", _fmt(env["cann"])]]
-    for k, v in summary.get("headline", {}).items():
+    for k, v in summary.headline.items():
         rows.append([html.escape(k), _fmt(v)])
     parts.append(_table(rows, ["item", "value"]))
     if performance:
         parts.append("<h2>Performance: ours vs stock <code>model.generate()</code></h2>")
         rows = []
-        for b in performance["budgets"]:
+        for b in performance.budgets:
             for name in ("ours", "stock"):
-                s = b[name]
-                t = s["decode_tokens_per_s"]
-                label = name if name == "stock" else f"ours (graph {s.get('graph')})"
-                rows.append([str(b["tokens"]), label, f"{t['median']:.2f} ({t['min']:.2f}–{t['max']:.2f})",
-                             _fmt(s["ms_per_frame"]), _fmt(s["prefill_ms"]), _fmt(s["audio_decode_s"]),
-                             _fmt(s["real_time_factor"]), _fmt(s["bandwidth_gb_s"]),
-                             _fmt(s["bandwidth_share_of_copy"]),
-                             _fmt(None if s["peak_device_memory_bytes"] is None
-                                  else round(s["peak_device_memory_bytes"] / 2**30, 3)),
+                s = getattr(b, name)
+                t = s.decode_tokens_per_s
+                label = name if name == "stock" else f"ours (graph {s.graph})"
+                rows.append([str(b.tokens), label, f"{t.median:.2f} ({t.min:.2f}–{t.max:.2f})",
+                             _fmt(s.ms_per_frame), _fmt(s.prefill_ms), _fmt(s.audio_decode_s),
+                             _fmt(s.real_time_factor), _fmt(s.bandwidth_gb_s),
+                             _fmt(s.bandwidth_share_of_copy),
+                             _fmt(None if s.peak_device_memory_bytes is None
+                                  else round(s.peak_device_memory_bytes / 2**30, 3)),
                              _ratio_cell(b) if name == "ours" else ""])
         parts.append(_table(rows, ["tokens", "run", "tokens/s median (min–max)", "ms/frame", "prefill ms",
                                    "audio decode s", "RTF", "GB/s", "share of copy BW", "peak mem GiB",
                                    "ours/stock median of pairs (min–max)"]))
-        parts.append(f"<div class='muted'>copy bandwidth {performance['copy_bandwidth']['gb_s']} GB/s measured in "
-                     f"this run; {performance['repeats']} repeats after 1 warm-up, ours and stock alternating; "
-                     f"{html.escape(performance['definitions']['real_time_factor'])}</div>")
-        lt = performance.get("long_text")
-        if lt:
-            parts.append("<h2>Long text: streamed vs one-shot</h2>")
-            parts.append(_table([[name.replace("_", "-"), _fmt(r["chunks"]), _fmt(r["audio_s"]),
-                                  _fmt(r["time_to_first_audio_s"]), _fmt(r["total_s"]), _fmt(r["real_time_factor"]),
-                                  _fmt(r["pieces"])] for name, r in (("stream", lt["stream"]),
-                                                                      ("one_shot", lt["one_shot"]))],
-                                ["run", "chunks", "audio s", "time to first audio s", "total s", "RTF", "pieces"]))
-            parts.append(f"<div class='muted'>{html.escape(lt['note'])}</div>")
+        parts.append(f"<div class='muted'>copy bandwidth {performance.copy_bandwidth.gb_s} GB/s measured in "
+                     f"this run; {performance.repeats} repeats after 1 warm-up, ours and stock alternating; "
+                     f"{html.escape(PERFORMANCE_DEFINITIONS['real_time_factor'])}</div>")
+        lt = performance.long_text
+        parts.append("<h2>Long text: streamed vs one-shot</h2>")
+        parts.append(_table([[name.replace("_", "-"), _fmt(r.chunks), _fmt(r.audio_s),
+                              _fmt(r.time_to_first_audio_s), _fmt(r.total_s), _fmt(r.real_time_factor),
+                              _fmt(r.pieces)] for name, r in (("stream", lt.stream), ("one_shot", lt.one_shot))],
+                            ["run", "chunks", "audio s", "time to first audio s", "total s", "RTF", "pieces"]))
+        parts.append(f"<div class='muted'>{html.escape(lt.note)}</div>")
     parts.append("<h2>Checks</h2>")
-    checks = (precision or {}).get("checks", []) + (performance or {}).get("checks", [])
-    checks += (quality or {}).get("checks", []) or ([check("quality: intelligibility and voice", None, None,
-                                                           "a Whisper model", summary["quality"]["skipped"])]
-                                                    if (summary.get("quality") or {}).get("skipped") else [])
-    parts.append(_table([[_badge(c["status"]), html.escape(c["name"]), _fmt(c["value"]), _fmt(c["threshold"]),
-                          _fmt(c["detail"] or None)] for c in checks],
+    checks = (precision.checks if precision else []) + (performance.checks if performance else [])
+    checks += (quality.checks if quality else []) or ([check("quality: intelligibility and voice", None, None,
+                                                             "a Whisper model", summary.quality.skipped)]
+                                                      if isinstance(summary.quality, QualitySkipped) else [])
+    parts.append(_table([[_badge(c.status), html.escape(c.name), _fmt(c.value), _fmt(c.threshold),
+                          _fmt(c.detail or None)] for c in checks],
                         ["status", "check", "value", "threshold", "detail"]))
     if precision:
-        par = precision["device_parity"]
+        par = jsonable(precision.device_parity)
         parts.append("<h2>Device parity vs CPU fp32</h2>")
         parts.append(_table([[html.escape(k), _fmt(v)] for k, v in par.items() if k != "check"], ["item", "value"]))
         parts.append("<h2>Audio</h2>")
-        rows = [[str(s["seed"]), _fmt(s["frames"]), _fmt(s.get("duration_s")), _fmt(s.get("rms")),
-                 _fmt(s.get("peak")), _fmt(s.get("nan_count")), _fmt(s.get("inf_count")),
-                 _fmt(s.get("clipping_ratio")), _fmt(s.get("longest_silent_run_s")), _fmt(s.get("max_sample_jump")),
-                 _fmt(s["valid_frame_share"]), " ".join(f"{e:.2f}" for e in s["code_entropy_bits"]),
-                 _badge(PASS if s["usable"] else FAIL)] for s in precision["seeds"]]
+        rows = [[str(s.seed), _fmt(s.codes.frames), _fmt(_signal(s, "duration_s")), _fmt(_signal(s, "rms")),
+                 _fmt(_signal(s, "peak")), _fmt(_signal(s, "nan_count")), _fmt(_signal(s, "inf_count")),
+                 _fmt(_signal(s, "clipping_ratio")), _fmt(_signal(s, "longest_silent_run_s")),
+                 _fmt(_signal(s, "max_sample_jump")), _fmt(s.codes.valid_frame_share),
+                 " ".join(f"{e:.2f}" for e in s.codes.code_entropy_bits),
+                 _badge(PASS if s.usable else FAIL)] for s in precision.seeds]
         parts.append(_table(rows, ["seed", "frames", "s", "RMS", "peak", "NaN", "Inf", "clip", "silence s",
                                    "max jump", "valid", "entropy bits / codebook", "usable"]))
-        for s in precision["seeds"]:
-            if s.get("wav"):
-                parts.append(_wav_card(f"seed {s['seed']}", out_dir / s["wav"], s))
-        g = precision["determinism"]["greedy"]
-        if g.get("wav"):
-            parts.append(_wav_card("greedy (temperature 0)", out_dir / g["wav"], g))
+        for s in precision.seeds:
+            if s.wav:
+                parts.append(_wav_card(f"seed {s.seed}", out_dir / s.wav, s.signal, s.codes.frames))
+        g = precision.determinism.greedy
+        if g.wav:
+            parts.append(_wav_card("greedy (temperature 0)", out_dir / g.wav, g.signal, g.frames))
     if quality:
         parts.append(quality_html(quality, out_dir))
     parts.append("<h2>Environment</h2>")
@@ -1422,11 +1862,76 @@ def build_medium(root: Path, layers: int, log) -> tuple[Path, Path, dict]:
     return model_dir, tokenizer_dir, sizes | {"num_codebooks": 8, "codebook_size": 1026, "weights": "random"}
 
 
-def overall(checks: list[dict]) -> tuple[str, int, int, int]:
-    passed = sum(c["status"] == PASS for c in checks)
-    failed = sum(c["status"] == FAIL for c in checks)
-    skipped = sum(c["status"] == SKIP for c in checks)
+def overall(checks: list[Check]) -> tuple[str, int, int, int]:
+    passed = sum(c.status == PASS for c in checks)
+    failed = sum(c.status == FAIL for c in checks)
+    skipped = sum(c.status == SKIP for c in checks)
     return (FAIL if failed else PASS), passed, failed, skipped
+
+
+@dataclass
+class SummarySeed:
+    seed: int
+    usable: bool
+    duration_s: float | None
+    rms: float | None
+    peak: float | None
+    wav: str | None
+
+
+@dataclass
+class SummaryPrecision:
+    seeds: list[SummarySeed]
+    deterministic: bool
+    parity_cosine: float | None
+    parity_greedy_agreement: float | None
+
+
+@dataclass
+class SummaryBudget:
+    tokens: int
+    ours_tokens_per_s: float
+    stock_tokens_per_s: float
+    ratio: float | None
+    ours_ms_per_frame: float
+    stock_ms_per_frame: float
+    ours_prefill_ms: float
+    ours_real_time_factor: float | None
+    ours_bandwidth_gb_s: float
+    ours_bandwidth_share_of_copy: float | None
+    peak_device_memory_bytes: int | None
+
+
+@dataclass
+class SummaryQuality:
+    summary: QualitySummary
+    source: str
+
+    def to_json(self) -> dict:
+        return {**jsonable(self.summary), "source": self.source}
+
+
+@dataclass
+class QualitySkipped:
+    skipped: str  # why: no Whisper model
+
+
+@dataclass
+class Summary:
+    status: str
+    mode: str
+    checks_passed: int
+    checks_failed: int
+    checks_skipped: int
+    failed_checks: list[str]
+    finished_at: str
+    model: str
+    environment: dict  # whatever the host reports
+    headline: dict[str, object]  # label -> value, the lines the run has
+    precision: SummaryPrecision | None
+    performance: list[SummaryBudget] | None
+    quality: SummaryQuality | QualitySkipped | None
+    files: list[str]
 
 
 def evaluate(args, out_dir: Path, engine=None, log=print) -> int:
@@ -1465,88 +1970,86 @@ def evaluate(args, out_dir: Path, engine=None, log=print) -> int:
         finally:
             progress.close()
         env = environment(engine, args, medium) if args.from_dir is None else host_environment(args)
+        # records become JSON here, each file with the environment first
         if quality_ is not None:
-            quality_ = {"environment": env, **quality_}
-            inference.write_json_atomic(out_dir / "quality.json", quality_)
+            inference.write_json_atomic(out_dir / "quality.json", {"environment": env, **quality_.to_json()})
         elif args.quality_note:  # --mode all without a Whisper model: said, and shown as a skipped check
             log(f"quality: skipped: {args.quality_note}")
         if performance is not None:
-            performance = {"environment": env, **performance}
-            inference.write_json_atomic(out_dir / "performance.json", performance)
+            inference.write_json_atomic(out_dir / "performance.json", {"environment": env, **performance.to_json()})
         if precision is not None:
-            precision = {"environment": env, **precision}
-            inference.write_json_atomic(out_dir / "precision.json", precision)
-        checks = (precision or {}).get("checks", []) + (performance or {}).get("checks", [])
-        checks += (quality_ or {}).get("checks", []) or ([check("quality: intelligibility and voice", None, None,
-                                                               "a Whisper model", args.quality_note)]
-                                                         if args.quality_note else [])
+            inference.write_json_atomic(out_dir / "precision.json", {"environment": env, **precision.to_json()})
+        checks = (precision.checks if precision else []) + (performance.checks if performance else [])
+        checks += (quality_.checks if quality_ else []) or ([check("quality: intelligibility and voice", None, None,
+                                                                 "a Whisper model", args.quality_note)]
+                                                           if args.quality_note else [])
         status, passed, failed, skipped = overall(checks)
         headline = {}
         if quality_:
-            q = quality_["summary"]
+            q = quality_.summary
             for key, name in (("wer_mean", "quality: mean WER (English)"), ("cer_mean", "quality: mean CER (Chinese)"),
                               ("sim_mean", "quality: mean speaker similarity")):
-                if q[key] is not None:
-                    headline[name] = q[key]
+                if getattr(q, key) is not None:
+                    headline[name] = getattr(q, key)
+        par = precision.device_parity if precision else None
+        measured = par if isinstance(par, Parity) else None
         if precision:
-            headline["seeds usable"] = f"{len(precision['cross_seed']['usable_seeds'])}/{len(precision['seeds'])}"
-            par = precision["device_parity"]
-            headline["parity cosine vs CPU fp32"] = par.get("cosine_similarity", par["status"])
+            headline["seeds usable"] = f"{len(precision.cross_seed.usable_seeds)}/{len(precision.seeds)}"
+            headline["parity cosine vs CPU fp32"] = measured.cosine_similarity if measured else par.status
         if performance:
-            for b in performance["budgets"]:
-                headline[f"{b['tokens']} tokens: ours / stock tokens/s"] = (
-                    f"{b['ours']['decode_tokens_per_s']['median']} / {b['stock']['decode_tokens_per_s']['median']} "
-                    f"({b['ratio_tokens_per_s']}x)")
-            lt = performance["long_text"]
+            for b in performance.budgets:
+                headline[f"{b.tokens} tokens: ours / stock tokens/s"] = (
+                    f"{b.ours.decode_tokens_per_s.median} / {b.stock.decode_tokens_per_s.median} "
+                    f"({b.ratio_tokens_per_s}x)")
+            lt = performance.long_text
             headline["long text: time to first audio, streamed / one-shot (s)"] = (
-                f"{lt['stream']['time_to_first_audio_s']} / {lt['one_shot']['time_to_first_audio_s']}")
+                f"{lt.stream.time_to_first_audio_s} / {lt.one_shot.time_to_first_audio_s}")
             headline["long text: real-time factor, streamed / one-shot"] = (
-                f"{lt['stream']['real_time_factor']} / {lt['one_shot']['real_time_factor']}")
-        summary = {
-            "status": status,
-            "mode": args.mode,
-            "checks_passed": passed,
-            "checks_failed": failed,
-            "checks_skipped": skipped,
-            "failed_checks": [c["name"] for c in checks if c["status"] == FAIL],
-            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            "model": "medium (random weights, real widths)" if medium else str(args.model_path)
+                f"{lt.stream.real_time_factor} / {lt.one_shot.real_time_factor}")
+        det = precision.determinism if precision else None
+        summary = Summary(
+            status=status,
+            mode=args.mode,
+            checks_passed=passed,
+            checks_failed=failed,
+            checks_skipped=skipped,
+            failed_checks=[c.name for c in checks if c.status == FAIL],
+            finished_at=time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            model="medium (random weights, real widths)" if medium else str(args.model_path)
             if args.from_dir is None else f"none (--from {args.from_dir})",
-            "environment": env,
-            "headline": headline,
-            "precision": None if not precision else {
-                "seeds": [{"seed": s["seed"], "usable": s["usable"], "duration_s": s.get("duration_s"),
-                           "rms": s.get("rms"), "peak": s.get("peak"), "wav": s["wav"]} for s in precision["seeds"]],
-                "deterministic": precision["determinism"]["identical_codes"]
-                and precision["determinism"]["identical_wav_bytes"]
-                and precision["determinism"]["greedy_identical_codes"],
-                "parity_cosine": precision["device_parity"].get("cosine_similarity"),
-                "parity_greedy_agreement": precision["device_parity"].get("greedy_agreement_teacher_forced"),
-            },
-            "performance": None if not performance else [
-                {"tokens": b["tokens"], "ours_tokens_per_s": b["ours"]["decode_tokens_per_s"]["median"],
-                 "stock_tokens_per_s": b["stock"]["decode_tokens_per_s"]["median"],
-                 "ratio": b["ratio_tokens_per_s"], "ours_ms_per_frame": b["ours"]["ms_per_frame"],
-                 "stock_ms_per_frame": b["stock"]["ms_per_frame"], "ours_prefill_ms": b["ours"]["prefill_ms"],
-                 "ours_real_time_factor": b["ours"]["real_time_factor"],
-                 "ours_bandwidth_gb_s": b["ours"]["bandwidth_gb_s"],
-                 "ours_bandwidth_share_of_copy": b["ours"]["bandwidth_share_of_copy"],
-                 "peak_device_memory_bytes": b["ours"]["peak_device_memory_bytes"]} for b in performance["budgets"]],
-            "quality": {**quality_["summary"], "source": quality_["source"]} if quality_
-            else {"skipped": args.quality_note} if args.quality_note else None,
-            "files": [n for n in ("precision.json", "performance.json", "quality.json", "summary.json", "report.html")
-                      if n == "summary.json" or n == "report.html" or (n == "precision.json" and precision)
-                      or (n == "performance.json" and performance) or (n == "quality.json" and quality_)],
-        }
-        inference.write_json_atomic(out_dir / "summary.json", summary)
+            environment=env,
+            headline=headline,
+            precision=None if not precision else SummaryPrecision(
+                seeds=[SummarySeed(s.seed, s.usable, _signal(s, "duration_s"), _signal(s, "rms"), _signal(s, "peak"),
+                                   s.wav) for s in precision.seeds],
+                deterministic=det.identical_codes and det.identical_wav_bytes and det.greedy_identical_codes,
+                parity_cosine=measured.cosine_similarity if measured else None,
+                parity_greedy_agreement=measured.greedy_agreement_teacher_forced if measured else None,
+            ),
+            performance=None if not performance else [
+                SummaryBudget(tokens=b.tokens, ours_tokens_per_s=b.ours.decode_tokens_per_s.median,
+                              stock_tokens_per_s=b.stock.decode_tokens_per_s.median,
+                              ratio=b.ratio_tokens_per_s, ours_ms_per_frame=b.ours.ms_per_frame,
+                              stock_ms_per_frame=b.stock.ms_per_frame, ours_prefill_ms=b.ours.prefill_ms,
+                              ours_real_time_factor=b.ours.real_time_factor,
+                              ours_bandwidth_gb_s=b.ours.bandwidth_gb_s,
+                              ours_bandwidth_share_of_copy=b.ours.bandwidth_share_of_copy,
+                              peak_device_memory_bytes=b.ours.peak_device_memory_bytes) for b in performance.budgets],
+            quality=SummaryQuality(quality_.summary, quality_.source) if quality_
+            else QualitySkipped(args.quality_note) if args.quality_note else None,
+            files=[n for n in ("precision.json", "performance.json", "quality.json", "summary.json", "report.html")
+                   if n == "summary.json" or n == "report.html" or (n == "precision.json" and precision)
+                   or (n == "performance.json" and performance) or (n == "quality.json" and quality_)],
+        )
+        inference.write_json_atomic(out_dir / "summary.json", jsonable(summary))
         page = render_html(summary, precision, performance, out_dir, quality_)
         with inference.atomic_output(out_dir / "report.html") as tmp_html:
             tmp_html.write_text(page, encoding="utf-8")
         for c in checks:
-            if c["status"] != PASS:
-                log(f"  {c['status']}  {c['name']}: {c['value']} (threshold: {c['threshold']})")
+            if c.status != PASS:
+                log(f"  {c.status}  {c.name}: {c.value} (threshold: {c.threshold})")
         log(f"{status}: {passed} passed, {failed} failed, {skipped} skipped; wrote "
-            + ", ".join(str(out_dir / f) for f in summary["files"]))
+            + ", ".join(str(out_dir / f) for f in summary.files))
         return 1 if failed else 0
     finally:
         if tmp is not None:

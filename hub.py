@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from checkpoints import first_line  # checkpoints.py imports only the stdlib at module level
+
 ROOT = Path(__file__).resolve().parent
 MARKER = Path(".cache") / "huggingface" / "higgs-download.json"
 STAGING = Path(".cache") / "higgs-download"
@@ -71,10 +73,6 @@ class HubError(Exception):
 
 def gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
-def first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 # --------------------------------------------------------------------------- sources

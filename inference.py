@@ -31,9 +31,10 @@ if TYPE_CHECKING:  # for annotations only: importing torch costs seconds, and --
     import torch
     from transformers import StaticCache
 
+    import quality
+
 import checkpoints
-import quality
-from checkpoints import UserError, read_json  # noqa: F401  (scripts and tests import them from here)
+from checkpoints import UserError, first_line, read_json  # noqa: F401  (scripts and tests import them from here)
 
 DEFAULT_TEXT = (
     "In the quiet of the morning, birds begin to sing as the first rays of sunlight "
@@ -42,6 +43,7 @@ DEFAULT_TEXT = (
 DEFAULT_SCENE = "Audio is recorded from a quiet room."
 SYSTEM_MESSAGE = "Generate audio following instruction."
 SAMPLE_RATE = 24000
+ASR_MAX_ERROR = 0.2  # --asr_check: an attempt above this WER/CER is unusable
 MIN_FRAMES = 10  # BOS frame + 7 delay frames + closing column eat 9: fewer leave nothing to decode
 SILENCE_RMS = 1e-4  # about -80 dBFS
 MAX_UNITS_PER_SECOND = 7.0  # words (or CJK characters) per second, over twice a normal pace
@@ -390,6 +392,7 @@ class Timings:
     decode_steps: int = 0
     decode_mode: str = "off"  # what the step ran as: "on" (graph replay), "compile" or "off" (eager)
     audio_decode_s: float = 0.0
+    wall_s: float = 0.0  # a chunk's whole time, its retries included (speak)
 
 
 def chat_messages(text: str, scene: str | None, ref_text: str | None = None, with_ref: bool = False,
@@ -1000,7 +1003,7 @@ class StepRunner:
                     raise
                 # tracing failed before anything ran, so the buffers are untouched
                 print(f"warning: torch.compile of the decode step failed ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}); decoding eagerly", file=sys.stderr)
+                      f"{first_line(e)}); decoding eagerly", file=sys.stderr)
                 self.compiled = None
                 self.mode = "off"
         if self.api is None:
@@ -1021,7 +1024,7 @@ class StepRunner:
                 self.step()
         except Exception as e:  # capture is best effort: eager decoding is always correct
             print(f"warning: graph capture failed on {self.device} ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0] if str(e) else ''}); decoding eagerly", file=sys.stderr)
+                  f"{first_line(e)}); decoding eagerly", file=sys.stderr)
             self.api = None
             synchronize(self.device)
             self.step()
@@ -1125,7 +1128,7 @@ def load_engine(model_path, tokenizer_path, device=None, dtype=None, log=None, g
         checkpoints.check_loading_info("tokenizer", tokenizer_path, info)
         audio_tokenizer = audio_tokenizer.to(device).eval()
     except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load the checkpoint: {str(e).splitlines()[0]} (re-run: bash download.sh)") from None
+        raise UserError(f"cannot load the checkpoint: {first_line(e)} (re-run: bash download.sh)") from None
     finally:
         hf_logging.set_verbosity_warning()
         if bars:
@@ -1148,7 +1151,7 @@ def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read as UTF-8 text ({str(e).splitlines()[0]}; re-run: bash download.sh)") \
+        raise UserError(f"{path}: cannot read as UTF-8 text ({first_line(e)}; re-run: bash download.sh)") \
             from None
 
 
@@ -1158,7 +1161,7 @@ def load_text_tokenizer(model_path: Path, tokenizer_cls):
     # the tokenizers library reports a malformed tokenizer.json as a bare Exception
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{model_path}/tokenizer.json cannot be loaded ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120] if str(e) else ''}; re-run: bash download.sh)") from None
+                        f"{first_line(e, 120)}; re-run: bash download.sh)") from None
 
 
 def load_feature_extractor(tokenizer_path: Path, extractor_cls):
@@ -1172,7 +1175,7 @@ def load_feature_extractor(tokenizer_path: Path, extractor_cls):
     try:
         return extractor_cls.from_pretrained(tokenizer_path)
     except (TypeError, ValueError, KeyError) as e:
-        raise UserError(f"{path}: not a valid feature-extractor config ({str(e).splitlines()[0][:120]})") from None
+        raise UserError(f"{path}: not a valid feature-extractor config ({first_line(e, 120)})") from None
 
 
 def processor_token_args(model_path: Path, tokenizer) -> dict:
@@ -1203,7 +1206,7 @@ def check_chat_template(engine: Engine, model_path: Path) -> None:
     try:
         ids = engine.build_prompt("Hello.").input_ids
     except TemplateError as e:
-        raise UserError(f"{model_path}/chat_template.jinja: {type(e).__name__}: {str(e).splitlines()[0][:120]} "
+        raise UserError(f"{model_path}/chat_template.jinja: {type(e).__name__}: {first_line(e, 120)} "
                         "(re-run: bash download.sh)") from None
     if len(ids) == 0 or int(ids[-1]) != engine.config.audio_bos_token_id:
         raise UserError(f"{model_path}/chat_template.jinja: a prompt does not end with the audio-start token "
@@ -1316,7 +1319,7 @@ def read_audio(path, what: str = "audio"):
     try:
         audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises its own error types
-        raise UserError(f"{what} {path}: cannot read audio ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{what} {path}: cannot read audio ({first_line(e)})") from None
     return audio.mean(axis=1), rate
 
 
@@ -1627,11 +1630,42 @@ def judge_chunk(text: str, generated_frames: int, stats: AudioStats) -> str | No
     return None
 
 
-def usable_prefix(aligned, bos_id: int):
-    """Aligned codes up to the first frame holding a stream marker (a closing EOS column): what a chunk keeps."""
-    valid = valid_frame_mask(aligned, bos_id)
-    n = int(valid.long().cumprod(0).sum()) if len(valid) else 0
-    return aligned[:n]
+@dataclass
+class Verdict:
+    """The retry rule's answer for one attempt."""
+
+    keep: int  # aligned frames kept (the runaway guard may trim a silent tail)
+    stats: AudioStats  # of the kept frames
+    reason: str | None  # why the attempt is unusable; None = usable
+    note: str = ""  # what the runaway guard did ("" when nothing)
+    asr: quality.Heard | None = None  # what `check` reported, when it ran
+
+
+def judge(text: str, gen: Generation, stats, audio=None, check=None) -> Verdict:
+    """The retry rule for one attempt, the same for every entry point (batch, chunk, stream): the runaway
+    guard on the frame_stats rows of its aligned frames, judge_chunk on what it keeps, then `check`
+    (e.g. quality.AsrCheck) on the kept audio when there is audio to give it."""
+    guard = runaway_guard(text, stats[:, 0], gen.finished)
+    kept = stats_of_frames(stats[:guard.keep])
+    reason = guard.reason or judge_chunk(text, int(gen.codes.shape[0]), kept)
+    checked = None
+    if reason is None and check is not None and audio is not None:
+        reason, checked = check(text, audio[:guard.keep * FRAME_SAMPLES])
+    return Verdict(guard.keep, kept, reason, guard.note, checked)
+
+
+def within_budget(gen: Generation, budget: int) -> Generation:
+    """A batch row cut to its own frame budget: what it gives when decoded alone with frame_limit=budget
+    (rows are independent), finished only if its EOS came within the budget."""
+    if gen.codes.shape[0] <= budget:
+        return gen
+    return Generation(codes=gen.codes[:budget], finished=False, seed=gen.seed)
+
+
+def cache_len_for(prompt_tokens: int, max_new_tokens: int) -> int:
+    """KV-cache positions for a chunk's prompt: rounded up to 1024 so that the chunks of a text, whose prompts
+    grow with their history, share one cache (and one captured graph)."""
+    return -(-(prompt_tokens + max_new_tokens) // 1024) * 1024
 
 
 class StreamDecoder:
@@ -1729,16 +1763,13 @@ class AlignedReader:
     """Delay-pattern rows of one generation row, read at host syncs -> aligned frames as they become final.
 
     Aligned frame j takes codebook c from row j + c + 1, so rows 0..t give frames j <= t - C; the last of
-    those is held back, as revert_delay_pattern drops the last column at the end. Frames stop at the
-    first one holding a stream marker (usable_prefix).
+    those is held back, as revert_delay_pattern drops the last column at the end.
     """
 
-    def __init__(self, num_codebooks: int, bos_id: int):
+    def __init__(self, num_codebooks: int):
         self.num_cb = num_codebooks
-        self.bos_id = bos_id
         self.rows = None
         self.frames = 0  # aligned frames handed out
-        self.stopped = False
 
     def read(self, out_codes, t: int, row: int = 0):
         import torch
@@ -1747,13 +1778,11 @@ class AlignedReader:
         new = out_codes[row, have:t + 1].to("cpu", copy=True)
         self.rows = new if self.rows is None else torch.cat([self.rows, new])
         n = max(self.rows.shape[0] - self.num_cb - 1, 0)
-        if self.stopped or n <= self.frames:
+        if n <= self.frames:
             return self.rows.new_zeros((0, self.num_cb))
         aligned = torch.stack([self.rows[c + 1 + self.frames: c + 1 + n, c] for c in range(self.num_cb)], dim=1)
-        valid = usable_prefix(aligned, self.bos_id)
-        self.stopped = valid.shape[0] < aligned.shape[0]
-        self.frames += valid.shape[0]
-        return valid
+        self.frames = n
+        return aligned
 
 
 @dataclass
@@ -1770,7 +1799,7 @@ class ChunkResult:
     guard: str  # what the runaway guard did ("" when nothing)
     prompt_tokens: int
     attempts: list = field(default_factory=list)  # one Attempt each
-    timings: dict = field(default_factory=dict)  # of the attempt kept: prefill_s, decode_s, decode_steps, ...
+    timings: Timings = field(default_factory=Timings)  # of the attempt kept (wall_s: of the whole chunk)
 
 
 @dataclass
@@ -1797,7 +1826,7 @@ def _speak(engine, chunks: list[str], params: SamplingParams, seed: int, retries
 
     t_start = time.perf_counter()
     cfg = engine.config
-    num_cb, bos = cfg.num_codebooks, cfg.audio_stream_bos_id
+    num_cb = cfg.num_codebooks
     decoder = StreamDecoder(engine.decode_audio, hold_silence=True) if stream else None
     done: list[ChunkResult] = []
     kept_codes: list = []  # aligned codes of each chunk, as kept
@@ -1815,7 +1844,8 @@ def _speak(engine, chunks: list[str], params: SamplingParams, seed: int, retries
         prompt = engine.build_prompt(text, scene, ref_codes, ref_text,
                                      history=[(chunks[i], kept_codes[i].T) for i in turns])
         # one cache for the whole text: grown in steps of 1024 positions, so that chunks share it (and its graph)
-        min_cache = max(min_cache, -(-(len(prompt.input_ids) + params.max_new_tokens) // 1024) * 1024)
+        if many:  # (one chunk: the cache synthesize() sizes, so a short text decodes the same either way)
+            min_cache = max(min_cache, cache_len_for(len(prompt.input_ids), params.max_new_tokens))
         budget = chunk_frame_budget(text, params.max_new_tokens, num_cb)
         base = chunk_seed(seed, k, retries)
         start = sum(c.shape[0] for c in kept_codes)
@@ -1825,7 +1855,7 @@ def _speak(engine, chunks: list[str], params: SamplingParams, seed: int, retries
         attempts, best = [], None
         for a in range(retries + 1):
             attempt_seed = base + a
-            reader = AlignedReader(num_cb, bos)
+            reader = AlignedReader(num_cb)
             frames = engine.generate_frames([prompt], params, [attempt_seed], progress=progress,
                                             frame_limit=budget, min_cache_len=min_cache)
             while True:
@@ -1845,7 +1875,7 @@ def _speak(engine, chunks: list[str], params: SamplingParams, seed: int, retries
             gen = gens[0]
             modes.add(timings.decode_mode)
             generate_s += timings.prefill_s + timings.decode_s
-            aligned = usable_prefix(revert_delay_pattern(gen.codes), bos)
+            aligned = revert_delay_pattern(gen.codes)
             t_dec = time.perf_counter()
             audio = None
             if decoder is not None:
@@ -1854,24 +1884,21 @@ def _speak(engine, chunks: list[str], params: SamplingParams, seed: int, retries
             else:
                 audio = engine.decode_audio(aligned) if aligned.shape[0] else np.zeros(0, np.float32)
                 stats = frame_stats(audio)
-            guard = runaway_guard(text, stats[:, 0], gen.finished)
-            kept_stats = stats_of_frames(stats[:guard.keep])
-            reason = guard.reason or judge_chunk(text, int(gen.codes.shape[0]), kept_stats)
-            checked = None
-            if reason is None and check is not None and audio is not None:
-                reason, checked = check(text, audio[:guard.keep * FRAME_SAMPLES])
+            verdict = judge(text, gen, stats, audio, check)
+            reason = verdict.reason
             timing = replace(timings, audio_decode_s=time.perf_counter() - t_dec)
             attempts.append(Attempt(seed=attempt_seed, frames=int(gen.codes.shape[0]), finished=gen.finished,
-                                    outcome=reason or "ok", stats=kept_stats, asr=checked))
-            candidate = (reason is None, guard.keep, aligned[:guard.keep], gen, guard, reason, timing, attempt_seed)
+                                    outcome=reason or "ok", stats=verdict.stats, asr=verdict.asr))
+            candidate = (reason is None, verdict.keep, aligned[:verdict.keep], gen, verdict, reason, timing,
+                         attempt_seed)
             # --stream keeps the attempt the decoder holds (the last); otherwise the best: usable, then longest
             if best is None or decoder is not None or candidate[:2] > best[:2]:
                 best = candidate
-            if guard.note:
-                log(f"{label}attempt {a + 1} (seed {attempt_seed}): runaway guard: {guard.note}")
+            if verdict.note:
+                log(f"{label}attempt {a + 1} (seed {attempt_seed}): runaway guard: {verdict.note}")
             if reason is None:
-                log(f"{label}attempt {a + 1} (seed {attempt_seed}): ok, {guard.keep} frames "
-                    f"({guard.keep / FRAMES_PER_SECOND:.2f} s)")
+                log(f"{label}attempt {a + 1} (seed {attempt_seed}): ok, {verdict.keep} frames "
+                    f"({verdict.keep / FRAMES_PER_SECOND:.2f} s)")
                 break
             log(f"{label}attempt {a + 1} (seed {attempt_seed}) unusable: {reason}")
             if decoder is not None and a < retries:
@@ -1879,16 +1906,17 @@ def _speak(engine, chunks: list[str], params: SamplingParams, seed: int, retries
                     log(f"{label}kept: its audio is out already (--stream cannot take it back)")
                     break
                 decoder.truncate(start)
-        ok, keep, codes, gen, guard, reason, timing, used_seed = best
+        ok, keep, codes, gen, verdict, reason, timing, used_seed = best
         if decoder is not None:
             decoder.truncate(start + keep)
         kept_codes.append(codes)
         done.append(ChunkResult(
             index=k, text=text, seed=used_seed, start_frame=start, frames=keep,
             generated_frames=int(gen.codes.shape[0]), finished=gen.finished, usable=ok, outcome=reason or "ok",
-            guard=guard.note, prompt_tokens=int(len(prompt.input_ids)), attempts=attempts,
-            timings={**{k_: round(v, 4) if isinstance(v, float) else v for k_, v in asdict(timing).items()},
-                     "wall_s": round(time.perf_counter() - t_chunk, 4)}))
+            guard=verdict.note, prompt_tokens=int(len(prompt.input_ids)), attempts=attempts,
+            timings=replace(timing, **{k_: round(v, 4) for k_, v in asdict(timing).items()
+                                       if isinstance(v, float) and k_ != "wall_s"},
+                            wall_s=round(time.perf_counter() - t_chunk, 4))))
     codes = torch.cat(kept_codes) if kept_codes else torch.zeros((0, num_cb), dtype=torch.long)
     if decoder is not None:
         tail = decoder.pull(final=True)
@@ -1991,7 +2019,7 @@ class Attempt:
     finished: bool
     outcome: str  # "ok" or the reason it was unusable
     stats: AudioStats = field(default_factory=AudioStats)
-    asr: dict | None = None  # --asr_check: transcript, metric, error, max_error (quality.AsrCheck)
+    asr: quality.Heard | None = None  # --asr_check: what Whisper heard (quality.AsrCheck)
 
 
 @dataclass
@@ -2032,10 +2060,16 @@ class Synthesis:
 def synthesize(engine: Engine, requests: list[SpeechRequest], params: SamplingParams, retries: int,
                progress: bool = False, log=None, check=None) -> list[Synthesis]:
     """Requests -> one Synthesis each. They decode as one batch; each unusable one is retried with its
-    next seed (seed + 1, seed + 2, ...) together with the others still pending. `check` (text, audio) ->
-    (reason or None, details), e.g. quality.AsrCheck, is one more rule for attempts judge_attempt passes."""
+    next seed (seed + 1, seed + 2, ...) together with the others still pending. Every row has its text's
+    frame budget and is judged by `judge` (runaway guard included), so a text gives what speak() gives
+    for it, alone or in a batch. `check` (text, audio) -> (reason or None, details), e.g.
+    quality.AsrCheck, is one more rule for attempts the others pass."""
+    import numpy as np
+
     log = log or (lambda msg: None)
+    num_cb = engine.config.num_codebooks
     prompts = [engine.build_prompt(r.text, r.scene, r.ref_codes, r.ref_text) for r in requests]
+    budgets = [chunk_frame_budget(r.text, params.max_new_tokens, num_cb) for r in requests]
     attempts: list[list[Attempt]] = [[] for _ in requests]
     best: list[Candidate | None] = [None] * len(requests)
     pending = list(range(len(requests)))
@@ -2043,30 +2077,38 @@ def synthesize(engine: Engine, requests: list[SpeechRequest], params: SamplingPa
         if not pending:
             break
         seeds = [requests[i].seed + attempt_no for i in pending]
-        gens, timings = engine.generate([prompts[i] for i in pending], params, seeds, progress=progress)
+        gens, timings = engine.generate([prompts[i] for i in pending], params, seeds, progress=progress,
+                                        frame_limit=max(budgets[i] for i in pending))
         still = []
         for i, gen in zip(pending, gens):
             request = requests[i]
+            gen = within_budget(gen, budgets[i])
             t_dec = time.perf_counter()
             aligned = revert_delay_pattern(gen.codes)
             audio = engine.decode_audio(aligned) if aligned.shape[0] > 0 else None
+            verdict = judge(request.text, gen, frame_stats(np.zeros(0, np.float32) if audio is None else audio),
+                            audio, check)
+            trimmed = verdict.keep < aligned.shape[0]
+            if trimmed:  # its audio is the decode of what is kept
+                aligned = aligned[:verdict.keep]
+                audio = engine.decode_audio(aligned) if verdict.keep else None
             row_timings = replace(timings, audio_decode_s=time.perf_counter() - t_dec)
-            reason, checked = judge_attempt(request.text, gen.codes, audio), None
-            if reason is None and check is not None:
-                reason, checked = check(request.text, audio)
-            candidate = Candidate(gen, aligned, audio, row_timings, reason)
+            candidate = Candidate(gen, aligned, audio, row_timings, verdict.reason)
             attempts[i].append(Attempt(seed=gen.seed, frames=int(gen.codes.shape[0]), finished=gen.finished,
-                                       outcome=candidate.reason or "ok", stats=audio_stats(audio), asr=checked))
+                                       outcome=candidate.reason or "ok", stats=verdict.stats, asr=verdict.asr))
             if best[i] is None or candidate.better_than(best[i]):
                 best[i] = candidate
-            # no EOS: the model was still speaking when the budget ran out, so the end may be cut off
-            cut_off = "" if gen.finished else (f" (no EOS within --max_new_tokens {params.max_new_tokens}: "
-                                               "the end may be cut off; raise --max_new_tokens)")
+            tag = f"{request.label}attempt {attempt_no + 1} (seed {gen.seed})"
+            if trimmed:  # (a note without a trim repeats the no-EOS remark below)
+                log(f"{tag}: runaway guard: {verdict.note}")
+            # no EOS within --max_new_tokens: the model was still speaking, so the end may be cut off
+            cut_off = "" if gen.finished or budgets[i] < params.max_new_tokens else \
+                (f" (no EOS within --max_new_tokens {params.max_new_tokens}: the end may be cut off; "
+                 "raise --max_new_tokens)")
             if candidate.usable:
-                log(f"{request.label}attempt {attempt_no + 1} (seed {gen.seed}): ok, {gen.codes.shape[0]} frames"
-                    + cut_off)
+                log(f"{tag}: ok, {gen.codes.shape[0]} frames{cut_off}")
             else:
-                log(f"{request.label}attempt {attempt_no + 1} (seed {gen.seed}) unusable: {candidate.reason}{cut_off}")
+                log(f"{tag} unusable: {candidate.reason}{cut_off}")
                 still.append(i)
         pending = still
     return [Synthesis(r, int(len(p.input_ids)), a, b) for r, p, a, b in zip(requests, prompts, attempts, best)]
@@ -2224,7 +2266,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(checks, "--asr_check", nargs="?", const="", default=None, metavar="PATH",
              help="transcribe each attempt with Whisper (PATH, default ./eval_models/whisper-large-v3: bash "
                   "download.sh --eval_models) and retry one whose WER/CER is above --asr_max_error")
-    add_flag(checks, "--asr_max_error", type=float, default=quality.ASR_MAX_ERROR,
+    add_flag(checks, "--asr_max_error", type=float, default=ASR_MAX_ERROR,
              help="with --asr_check: the highest word (or, for Chinese, character) error rate that is usable")
     return p
 
@@ -2532,6 +2574,8 @@ def run(args, log) -> int:
     ref_audio = load_reference_audio(args.ref_audio) if args.ref_audio else None
     asr_path = None
     if args.asr_check is not None:  # the Whisper folder is checked before the long engine load
+        import quality  # only --asr_check needs it
+
         asr_path = quality.check_model_folder(
             "whisper", quality.find_model(args.asr_check, quality.DEFAULT_ASR_MODEL, "whisper"), "--asr_check")
 
@@ -2591,8 +2635,9 @@ def run(args, log) -> int:
             }
             if check is not None:  # what Whisper heard in the attempt kept
                 kept = next(a for a in result.attempts if a.seed == best.generation.seed)
-                sidecar["asr_check"] = {"model": str(asr_path), **(kept.asr or {"transcript": None, "error": None,
-                                        "note": f"not transcribed: {kept.outcome}"})}
+                heard = asdict(kept.asr) if kept.asr else {"transcript": None, "error": None,
+                                                           "note": f"not transcribed: {kept.outcome}"}
+                sidecar["asr_check"] = {"model": str(asr_path), **heard}
             write_json_atomic(wav_path.with_suffix(".json"), sidecar)
             if result.usable:
                 log(f"Saved: {wav_path}")

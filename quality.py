@@ -9,7 +9,7 @@ resampled to 16 kHz, in the language of the text; the text and the transcript ar
 Seed-TTS-eval's run_wer.py does and compared with jiwer: by words (WER) for English and other
 space-separated text, by characters (CER) for Chinese. Voice: the cosine of WavLMForXVector speaker
 embeddings of the clip and its reference voice. Heavy imports (torch, transformers, jiwer) happen
-inside the functions: inference.py imports this module for its --help.
+inside the functions.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import checkpoints
 from checkpoints import UserError
 
 ASR_SAMPLE_RATE = 16000  # what Whisper and WavLM take
-ASR_MAX_ERROR = 0.2  # inference.py --asr_check: an attempt above this WER/CER is unusable
 EVAL_MODELS = Path("eval_models")  # where `bash download.sh --eval_models` puts them
 DEFAULT_ASR_MODEL = EVAL_MODELS / "whisper-large-v3"
 DEFAULT_SV_MODEL = EVAL_MODELS / "wavlm-base-plus-sv"
@@ -86,6 +85,15 @@ def normalize(text: str, lang: str) -> str:
 
 
 @dataclass
+class Aligned:
+    """One step of the text-vs-transcript alignment (quality.json keeps these fields)."""
+
+    op: str  # "equal", "substitute", "delete" or "insert"
+    ref: str  # the text's words (or characters) in this step
+    hyp: str  # the transcript's
+
+
+@dataclass
 class Score:
     lang: str  # "en" or "zh"
     metric: str  # "WER" (words) or "CER" (characters)
@@ -96,7 +104,7 @@ class Score:
     reference_units: int = 0
     reference: str = ""  # normalised text
     hypothesis: str = ""  # normalised transcript
-    alignment: list = field(default_factory=list)  # [{"op", "ref", "hyp"}]: equal/substitute/delete/insert
+    alignment: list[Aligned] = field(default_factory=list)
 
     @property
     def unit(self) -> str:
@@ -114,8 +122,8 @@ def score(text: str, transcript: str, lang: str | None = None) -> Score:
         return Score(lang, metric, None, hypothesis=hyp)
     out = jiwer.process_words(ref, hyp)  # jiwer's default: spaces collapsed and stripped, then split
     ref_words, hyp_words = out.references[0], out.hypotheses[0]
-    alignment = [{"op": c.type, "ref": " ".join(ref_words[c.ref_start_idx:c.ref_end_idx]),
-                  "hyp": " ".join(hyp_words[c.hyp_start_idx:c.hyp_end_idx])} for c in out.alignments[0]]
+    alignment = [Aligned(c.type, " ".join(ref_words[c.ref_start_idx:c.ref_end_idx]),
+                         " ".join(hyp_words[c.hyp_start_idx:c.hyp_end_idx])) for c in out.alignments[0]]
     return Score(lang, metric, float(out.wer), out.substitutions, out.deletions, out.insertions, len(ref_words),
                  " ".join(ref_words), " ".join(hyp_words), alignment)
 
@@ -265,21 +273,30 @@ class SpeakerEncoder:
 # --------------------------------------------------------------------------- inference.py --asr_check
 
 
+@dataclass
+class Heard:
+    """What AsrCheck heard in one attempt (the sidecar's `asr` entry)."""
+
+    transcript: str
+    metric: str  # "WER" or "CER"
+    error: float | None  # None: nothing to score
+    max_error: float
+
+
 class AsrCheck:
     """One more retry rule for inference.synthesize: an attempt whose transcript is further than
     `max_error` (WER, or CER for Chinese) from its text is unusable. Called with (text, 24 kHz audio);
     returns (reason or None, what the sidecar records)."""
 
-    def __init__(self, transcriber: Transcriber, max_error: float = ASR_MAX_ERROR):
+    def __init__(self, transcriber: Transcriber, max_error: float):
         self.transcriber = transcriber
         self.max_error = max_error
 
-    def __call__(self, text: str, audio, rate: int = 24000) -> tuple[str | None, dict]:
+    def __call__(self, text: str, audio, rate: int = 24000) -> tuple[str | None, Heard]:
         lang = language_of(text)
         transcript = self.transcriber(audio, rate, lang)
         s = score(text, transcript, lang)
-        info = {"transcript": transcript, "metric": s.metric, "error": None if s.error is None else round(s.error, 4),
-                "max_error": self.max_error}
+        info = Heard(transcript, s.metric, None if s.error is None else round(s.error, 4), self.max_error)
         if s.error is not None and s.error > self.max_error:
             heard = transcript if len(transcript) <= 60 else transcript[:57] + "..."
             return (f"ASR check: {s.metric} {s.error:.0%} > {self.max_error:.0%} "

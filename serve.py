@@ -33,7 +33,7 @@ import time
 import traceback
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -42,7 +42,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 import inference
-from inference import SAMPLE_RATE, UserError
+from inference import SAMPLE_RATE, UserError, first_line
 
 MODEL_ID = "higgs-audio-v2"
 # OpenAI's model names, so that clients written for them work unchanged
@@ -139,12 +139,30 @@ class SpeechBody(BaseModel):
     scene: str | None = None
 
 
+# The records below cross the queues to and from the engine processes (pickled): they live at module level,
+# where a spawned process finds them.
+
+
+@dataclass
+class RequestSpec:
+    """One checked request, as its engine process gets it."""
+
+    request: inference.SpeechRequest  # text, seed, scene; the engine fills in the voice's codes
+    voice: str | None  # a --voices_dir name; None: the default voice
+    params: inference.SamplingParams
+    format: str  # response_format
+    speak: bool  # alone through inference.speak (long or streamed), not in a batch
+    stream: bool  # pieces sent as they come
+    id: str = ""  # set when dispatched: the answers name the request
+    serial: int = 0  # set when dispatched: the server cancels a streamed job by it
+
+
 @dataclass
 class Job:
     """One request on its way through the queue to an engine; `events` is what the engine sends back."""
 
     id: str
-    spec: dict  # what the engine process gets: text, scene, voice, seed, params
+    spec: RequestSpec
     key: tuple  # requests with the same key may share a batch
     deadline: float
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -190,7 +208,7 @@ class TrackedStream(StreamingResponse):
             self.on_close(self.call)
 
 
-def parse_request(body: bytes, opts, voices: dict, formats: list[str]) -> tuple[SpeechBody, dict, tuple]:
+def parse_request(body: bytes, opts, voices: dict, formats: list[str]) -> tuple[SpeechBody, RequestSpec, tuple]:
     """The request body -> (request, engine spec, batch key), or ApiError 400/404 naming the field."""
     try:
         req = SpeechBody.model_validate_json(body or b"null")
@@ -251,8 +269,9 @@ def parse_request(body: bytes, opts, voices: dict, formats: list[str]) -> tuple[
     # longer text, or a stream of pcm / wav, goes through speak() alone (chunk by chunk, pieces as they come)
     stream = req.stream_format == "sse" or (req.stream_format == "audio" and fmt in ("pcm", "wav"))
     alone = stream or len(inference.split_text(req.input, opts.chunk_words)) > 1
-    spec = {"text": req.input, "scene": inference.DEFAULT_SCENE if req.scene is None else (req.scene or None),
-            "voice": voice, "seed": seed, "params": asdict(params), "format": fmt, "speak": alone, "stream": stream}
+    scene = inference.DEFAULT_SCENE if req.scene is None else (req.scene or None)
+    spec = RequestSpec(inference.SpeechRequest(text=req.input, seed=seed, scene=scene), voice=voice, params=params,
+                       format=fmt, speak=alone, stream=stream)
     # one batch shares its sampling settings and budget; rows with and without a reference voice cannot mix
     key = ("alone", secrets.token_hex(8)) if alone else \
         (voice is not None, params.temperature, params.top_k, params.top_p, params.max_new_tokens)
@@ -283,7 +302,7 @@ def read_voices(voices_dir: str | None) -> dict:
         try:
             frames = sf.info(str(wav)).frames
         except Exception as e:  # soundfile raises its own error types
-            raise UserError(f"--voices_dir: {wav}: cannot read audio ({str(e).splitlines()[0]})") from None
+            raise UserError(f"--voices_dir: {wav}: cannot read audio ({first_line(e)})") from None
         if frames == 0:
             raise UserError(f"--voices_dir: {wav} holds no samples")
         transcript = None
@@ -292,7 +311,7 @@ def read_voices(voices_dir: str | None) -> dict:
                 transcript = wav.with_suffix(".txt").read_text(encoding="utf-8").strip() or None
             except (OSError, UnicodeDecodeError) as e:
                 raise UserError(f"--voices_dir: {wav.with_suffix('.txt')}: cannot read as UTF-8 text "
-                                f"({str(e).splitlines()[0]})") from None
+                                f"({first_line(e)})") from None
         voices[name] = (inference.load_reference_audio(str(wav)), transcript)
     if not voices:
         raise UserError(f"--voices_dir {folder}: no NAME.wav files in it")
@@ -327,7 +346,55 @@ def parse_devices(spec: str) -> list[str]:
 # --------------------------------------------------------------------------- engine process
 
 
-def engine_main(index: int, device: str, opts: dict, voices: dict, jobs, results, cancel) -> None:
+@dataclass
+class EngineOptions:
+    """The server's flags an engine process needs."""
+
+    model_path: str
+    tokenizer_path: str
+    dtype: str
+    graph: str
+    max_batch_size: int
+    max_new_tokens: int
+    retries: int
+    chunk_words: float
+    context_chunks: int
+    threads: int  # torch threads; 0: torch's default
+
+
+@dataclass
+class EngineInfo:
+    """An engine process's "ready" message."""
+
+    device: str
+    dtype: str
+
+
+@dataclass
+class Done:
+    """A request's last message: what its answer's headers and SSE "done" event say."""
+
+    frames: int
+    samples: int
+    seed: int
+    outcome: str
+    attempts: int
+    chunks: int
+    prompt_tokens: int
+    batch_size: int
+
+
+@dataclass
+class BatchStats:
+    """A batch's "batch_done" message: for the metrics and Retry-After."""
+
+    frames: int = 0  # every attempt's
+    decode_steps: int = 0
+    decode_s: float = 0.0
+    seconds: float = 0.0  # the whole batch
+
+
+def engine_main(index: int, device: str, opts: EngineOptions, voices: dict, jobs, results, cancel) -> None:
     """One engine process: load, encode the voices, then run the batches it is sent until None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server; the server stops us
     label = f"{device}#{index}"
@@ -338,13 +405,13 @@ def engine_main(index: int, device: str, opts: dict, voices: dict, jobs, results
     def say(msg: str) -> None:
         print(f"[{label}] {msg}", file=sys.stderr, flush=True)
 
-    if opts["threads"]:
+    if opts.threads:
         import torch
 
-        torch.set_num_threads(opts["threads"])
+        torch.set_num_threads(opts.threads)
     try:
-        engine = inference.load_engine(opts["model_path"], opts["tokenizer_path"], device, opts["dtype"], log=say,
-                                       graph=opts["graph"])
+        engine = inference.load_engine(opts.model_path, opts.tokenizer_path, device, opts.dtype, log=say,
+                                       graph=opts.graph)
         refs = {}
         for name, (waveform, transcript) in voices.items():
             if waveform.size < engine.min_audio_samples():
@@ -355,39 +422,38 @@ def engine_main(index: int, device: str, opts: dict, voices: dict, jobs, results
         # the longest voice and the template around them
         longest = MAX_INPUT_CHARS + max((c.shape[1] for c, _ in refs.values()), default=0) + 256
         try:
-            engine.check_decode_memory(opts["max_batch_size"], longest, opts["max_new_tokens"],
-                                       inference.SamplingParams(max_new_tokens=opts["max_new_tokens"]))
+            engine.check_decode_memory(opts.max_batch_size, longest, opts.max_new_tokens,
+                                       inference.SamplingParams(max_new_tokens=opts.max_new_tokens))
         except UserError as e:
             raise UserError(f"a full batch of long requests does not fit; lower --max_batch_size "
-                            f"{opts['max_batch_size']} or --max_new_tokens {opts['max_new_tokens']} ({e})") from None
+                            f"{opts.max_batch_size} or --max_new_tokens {opts.max_new_tokens} ({e})") from None
     except UserError as e:
         send("failed", f"engine on {device}: {e}")
         return
     say(f"ready: {engine.num_params / 1e9:.3f} B parameters, {str(engine.dtype).replace('torch.', '')}, "
         f"{len(refs)} voices encoded")
-    send("ready", {"device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", "")})
+    send("ready", EngineInfo(str(engine.device), str(engine.dtype).replace("torch.", "")))
     while (batch := jobs.get()) is not None:
-        if batch[0]["speak"]:
+        if batch[0].speak:
             run_speak(engine, refs, opts, batch[0], send, cancel, say)
         else:
-            run_batch(engine, refs, opts["retries"], batch, send)
+            run_batch(engine, refs, opts.retries, batch, send)
 
 
-def run_batch(engine, refs: dict, retries: int, specs: list[dict], send) -> None:
+def run_batch(engine, refs: dict, retries: int, specs: list[RequestSpec], send) -> None:
     """One static batch through inference.synthesize: every row decodes with its own seed (seed + 1, ...
     on retries), so its audio is what it would be alone. An engine error fails the batch's rows (500) and
     leaves the process serving; its traceback goes to the log, never into an answer."""
     import numpy as np
 
     t0 = time.perf_counter()
-    stats = {"frames": 0, "decode_steps": 0, "decode_s": 0.0}
+    stats = BatchStats()
     requests = []
     for s in specs:
-        ref_codes, ref_text = refs[s["voice"]] if s["voice"] else (None, None)
-        requests.append(inference.SpeechRequest(text=s["text"], seed=s["seed"], scene=s["scene"],
-                                                ref_codes=ref_codes, ref_text=ref_text))
+        ref_codes, ref_text = refs[s.voice] if s.voice else (None, None)
+        requests.append(replace(s.request, ref_codes=ref_codes, ref_text=ref_text))
     try:
-        results = inference.synthesize(engine, requests, inference.SamplingParams(**specs[0]["params"]), retries)
+        results = inference.synthesize(engine, requests, specs[0].params, retries)
     except UserError as e:
         return finish_batch(specs, ("error", 400, str(e)), stats, t0, send)
     except Exception as e:  # noqa: BLE001  an engine bug fails this batch only; the traceback goes to the log
@@ -395,35 +461,35 @@ def run_batch(engine, refs: dict, retries: int, specs: list[dict], send) -> None
     for spec, result in zip(specs, results):
         best = result.best
         frames = int(best.generation.codes.shape[0])
-        stats["frames"] += sum(a.frames for a in result.attempts)
-        stats["decode_steps"], stats["decode_s"] = best.timings.decode_steps, best.timings.decode_s  # the batch's
+        stats.frames += sum(a.frames for a in result.attempts)
+        stats.decode_steps, stats.decode_s = best.timings.decode_steps, best.timings.decode_s  # the batch's
         audio = best.audio if best.audio is not None else np.zeros(0, dtype=np.float32)
-        send("audio", spec["id"], audio)
-        send("done", spec["id"], {"frames": frames, "samples": int(audio.size), "seed": best.generation.seed,
-                                  "outcome": best.reason or "ok", "attempts": len(result.attempts), "chunks": 1,
-                                  "prompt_tokens": result.prompt_tokens, "batch_size": len(specs)})
+        send("audio", spec.id, audio)
+        send("done", spec.id, Done(frames=frames, samples=int(audio.size), seed=best.generation.seed,
+                                   outcome=best.reason or "ok", attempts=len(result.attempts), chunks=1,
+                                   prompt_tokens=result.prompt_tokens, batch_size=len(specs)))
     finish_batch(specs, None, stats, t0, send)
 
 
-def run_speak(engine, refs: dict, opts: dict, spec: dict, send, cancel, say) -> None:
+def run_speak(engine, refs: dict, opts: EngineOptions, spec: RequestSpec, send, cancel, say) -> None:
     """One request alone through inference.speak: a long text chunk by chunk, its pieces sent as they come
     (stream) or once at the end. Stops at the next host sync when the server cancels it (client gone,
     timeout): `cancel` then holds this job's serial."""
     t0 = time.perf_counter()
-    stats = {"frames": 0, "decode_steps": 0, "decode_s": 0.0}
-    ref_codes, ref_text = refs[spec["voice"]] if spec["voice"] else (None, None)
+    stats = BatchStats()
+    ref_codes, ref_text = refs[spec.voice] if spec.voice else (None, None)
+    request = spec.request
     pieces = 0
     try:
-        speech = inference.speak(engine, spec["text"], inference.SamplingParams(**spec["params"]), seed=spec["seed"],
-                                 retries=opts["retries"], scene=spec["scene"], ref_codes=ref_codes, ref_text=ref_text,
-                                 chunk_words=opts["chunk_words"], context_chunks=opts["context_chunks"],
-                                 stream=spec["stream"])
+        speech = inference.speak(engine, request.text, spec.params, seed=request.seed, retries=opts.retries,
+                                 scene=request.scene, ref_codes=ref_codes, ref_text=ref_text,
+                                 chunk_words=opts.chunk_words, context_chunks=opts.context_chunks, stream=spec.stream)
         for piece in speech:
-            send("audio", spec["id"], piece)
+            send("audio", spec.id, piece)
             pieces += 1
-            if cancel.value == spec["serial"]:
+            if cancel.value == spec.serial:
                 speech.close()
-                say(f"request {spec['id']} cancelled after {pieces} pieces (client gone or timed out)")
+                say(f"request {spec.id} cancelled after {pieces} pieces (client gone or timed out)")
                 return finish_batch([spec], ("error", 499, "cancelled"), stats, t0, send)
     except UserError as e:
         return finish_batch([spec], ("error", 400, str(e)), stats, t0, send)
@@ -431,29 +497,29 @@ def run_speak(engine, refs: dict, opts: dict, spec: dict, send, cancel, say) -> 
         return finish_batch([spec], engine_error(e), stats, t0, send)
     result = speech.result
     chunks = result.chunks
-    stats["frames"] = sum(a.frames for c in chunks for a in c.attempts)
-    stats["decode_steps"] = sum(c.timings.get("decode_steps", 0) for c in chunks)
-    stats["decode_s"] = sum(c.timings.get("decode_s", 0.0) for c in chunks)
+    stats.frames = sum(a.frames for c in chunks for a in c.attempts)
+    stats.decode_steps = sum(c.timings.decode_steps for c in chunks)
+    stats.decode_s = sum(c.timings.decode_s for c in chunks)
     bad = [f"chunk {c.index + 1}: {c.outcome}" if len(chunks) > 1 else c.outcome for c in chunks if not c.usable]
-    send("done", spec["id"], {"frames": sum(c.generated_frames for c in chunks), "samples": result.samples,
-                              "seed": spec["seed"], "outcome": "; ".join(bad) or "ok",
-                              "attempts": sum(len(c.attempts) for c in chunks), "chunks": len(chunks),
-                              "prompt_tokens": sum(c.prompt_tokens for c in chunks), "batch_size": 1})
+    send("done", spec.id, Done(frames=sum(c.generated_frames for c in chunks), samples=result.samples,
+                               seed=request.seed, outcome="; ".join(bad) or "ok",
+                               attempts=sum(len(c.attempts) for c in chunks), chunks=len(chunks),
+                               prompt_tokens=sum(c.prompt_tokens for c in chunks), batch_size=1))
     finish_batch([spec], None, stats, t0, send)
 
 
 def engine_error(e: Exception) -> tuple:
     """The log gets the traceback; the answer one line (500)."""
     traceback.print_exc()
-    first = str(e).splitlines()[0] if str(e) else ""
+    first = first_line(e)
     return "error", 500, f"engine error: {type(e).__name__}: {first}"[:300]
 
 
-def finish_batch(specs, error, stats: dict, t0: float, send) -> None:
+def finish_batch(specs: list[RequestSpec], error, stats: BatchStats, t0: float, send) -> None:
     if error is not None:
         for s in specs:
-            send(error[0], s["id"], *error[1:])
-    stats["seconds"] = time.perf_counter() - t0
+            send(error[0], s.id, *error[1:])
+    stats.seconds = time.perf_counter() - t0
     send("batch_done", stats)
 
 
@@ -499,10 +565,10 @@ class Scheduler:
         cpus = sum(d == "cpu" for d in self.devices)
         # CPU engines share the cores (unless OMP_NUM_THREADS says how many each takes)
         threads = max(1, (os.cpu_count() or 1) // cpus) if cpus > 1 and "OMP_NUM_THREADS" not in os.environ else 0
-        opts = {"model_path": self.opts.model_path, "tokenizer_path": self.opts.tokenizer_path,
-                "dtype": self.opts.dtype, "graph": self.opts.graph, "max_batch_size": self.opts.max_batch_size,
-                "max_new_tokens": self.opts.max_new_tokens, "retries": self.opts.retries, "threads": threads,
-                "chunk_words": self.opts.chunk_words, "context_chunks": self.opts.context_chunks}
+        a = self.opts
+        opts = EngineOptions(model_path=a.model_path, tokenizer_path=a.tokenizer_path, dtype=a.dtype, graph=a.graph,
+                             max_batch_size=a.max_batch_size, max_new_tokens=a.max_new_tokens, retries=a.retries,
+                             chunk_words=a.chunk_words, context_chunks=a.context_chunks, threads=threads)
         for index, device in enumerate(self.devices):
             jobs, cancel = ctx.Queue(), ctx.Value("q", -1, lock=False)
             proc = ctx.Process(target=engine_main, args=(index, device, opts, self.voices, jobs, self.results, cancel),
@@ -574,7 +640,7 @@ class Scheduler:
         if job.state == "queued" and job in self.queue:
             self.queue.remove(job)
             self.metrics.queue_depth.set(len(self.queue))
-        if job.state == "running" and job.spec["speak"] and job.id in job.engine.running:
+        if job.state == "running" and job.spec.speak and job.id in job.engine.running:
             job.engine.cancel.value = job.serial
         if job.state != "done":
             job.state = "cancelled"
@@ -594,7 +660,7 @@ class Scheduler:
                 job.state, job.engine, job.batch_size = "running", engine, len(batch)
                 engine.running[job.id] = job
             engine.busy = True
-            engine.jobs.put([dict(j.spec, id=j.id, serial=j.serial) for j in batch])
+            engine.jobs.put([replace(j.spec, id=j.id, serial=j.serial) for j in batch])
             self.metrics.batch_size.observe(len(batch))
             self.next_engine = (self.next_engine + k + 1) % n  # spread batches over the engines
         self.metrics.queue_depth.set(len(self.queue))
@@ -605,7 +671,7 @@ class Scheduler:
         if kind == "ready":
             engine.state = "ready"
             self.metrics.engines_ready.set(self.serving())
-            log.info(f"engine {engine.label} ready ({payload[0]['dtype']})")
+            log.info(f"engine {engine.label} ready ({payload[0].dtype})")
             if not self.loading:
                 log.info(f"ready: {len(self.engines)} engine(s) on {', '.join(self.devices)}")
             self._dispatch()
@@ -619,14 +685,14 @@ class Scheduler:
                 if kind != "audio":
                     engine.running.pop(job.id)
         elif kind == "batch_done":
-            stats = payload[0]
+            stats: BatchStats = payload[0]
             for job in engine.running.values():  # nothing may wait forever on a row the engine forgot
                 job.events.put_nowait(("error", 500, "engine error: the batch ended without this row"))
             engine.running, engine.busy = {}, False
-            self.metrics.frames.inc(stats["frames"])
-            if stats["decode_s"] > 0:
-                self.metrics.frames_per_s.labels(engine.label).set(stats["decode_steps"] / stats["decode_s"])
-            a = stats["seconds"]
+            self.metrics.frames.inc(stats.frames)
+            if stats.decode_s > 0:
+                self.metrics.frames_per_s.labels(engine.label).set(stats.decode_steps / stats.decode_s)
+            a = stats.seconds
             self.batch_seconds = a if self.batch_seconds is None else 0.8 * self.batch_seconds + 0.2 * a
             self._dispatch()
 
@@ -738,7 +804,7 @@ def build_app(opts, devices: list[str], voices: dict, formats: list[str], on_fat
                  "aliases": list(MODEL_ALIASES), "response_formats": formats, "stream_formats": ["audio", "sse"],
                  "voices": [DEFAULT_VOICE, *sorted(voices)], "sample_rate": SAMPLE_RATE,
                  "max_input_characters": MAX_INPUT_CHARS, "max_new_tokens": opts.max_new_tokens,
-                 "max_batch_size": opts.max_batch_size, "engines": [e["engine"] for e in scheduler.status()]}
+                 "max_batch_size": opts.max_batch_size, "engines": [e.label for e in scheduler.engines]}
         return {"object": "list", "data": [entry]}
 
     @api.get("/v1/audio/voices")
@@ -764,20 +830,20 @@ def build_app(opts, devices: list[str], voices: dict, formats: list[str], on_fat
             metrics.running.inc()
             first = await next_event(job, request)
             call.ttfa = time.monotonic() - call.t0
-            headers = {"X-Request-Id": call.id, "X-Higgs-Seed": str(spec["seed"]), "X-Higgs-Engine": job.engine_label,
-                       "X-Higgs-Batch-Size": str(job.batch_size)}
+            headers = {"X-Request-Id": call.id, "X-Higgs-Seed": str(spec.request.seed),
+                       "X-Higgs-Engine": job.engine_label, "X-Higgs-Batch-Size": str(job.batch_size)}
             if req.stream_format is not None:
-                media = "text/event-stream" if req.stream_format == "sse" else FORMATS[spec["format"]][2]
+                media = "text/event-stream" if req.stream_format == "sse" else FORMATS[spec.format][2]
                 call.status, call.streaming = 200, True
-                return TrackedStream(stream(call, first, req.stream_format, spec["format"]), on_close=call_end,
+                return TrackedStream(stream(call, first, req.stream_format, spec.format), on_close=call_end,
                                      call=call, media_type=media, headers=headers | {"Cache-Control": "no-cache"})
             audio, done = await collect(job, first, request)
-            call.frames = done["frames"]
-            headers.update({"X-Higgs-Frames": str(done["frames"]), "X-Higgs-Attempts": str(done["attempts"]),
-                            "X-Higgs-Chunks": str(done["chunks"]), "X-Higgs-Outcome": ascii_header(done["outcome"])})
-            body = await asyncio.to_thread(encode_audio, audio, spec["format"])  # mp3 of minutes takes a while
+            call.frames = done.frames
+            headers.update({"X-Higgs-Frames": str(done.frames), "X-Higgs-Attempts": str(done.attempts),
+                            "X-Higgs-Chunks": str(done.chunks), "X-Higgs-Outcome": ascii_header(done.outcome)})
+            body = await asyncio.to_thread(encode_audio, audio, spec.format)  # mp3 of minutes takes a while
             call.status = 200
-            return Response(body, media_type=FORMATS[spec["format"]][2], headers=headers)
+            return Response(body, media_type=FORMATS[spec.format][2], headers=headers)
         except ApiError as e:
             call.status = e.status
             raise
@@ -835,8 +901,8 @@ def build_app(opts, devices: list[str], voices: dict, formats: list[str], on_fat
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    async def collect(job: Job, first, request=None):
-        """All audio of `job` up to its "done" -> (waveform, done info)."""
+    async def collect(job: Job, first, request=None) -> tuple:
+        """All audio of `job` up to its "done" -> (waveform, Done)."""
         import numpy as np
 
         pieces, event = [], first
@@ -869,12 +935,13 @@ def build_app(opts, devices: list[str], voices: dict, formats: list[str], on_fat
                     event = await next_event(job)
                 done = event[1]
                 job.state = "done"
-            call.frames = done["frames"]
+            call.frames = done.frames
             if stream_format == "sse":
-                usage = {"input_tokens": done["prompt_tokens"], "output_tokens": done["frames"],
-                         "total_tokens": done["prompt_tokens"] + done["frames"]}
+                usage = {"input_tokens": done.prompt_tokens, "output_tokens": done.frames,
+                         "total_tokens": done.prompt_tokens + done.frames}
                 yield sse({"type": "speech.audio.done", "usage": usage,
-                           **{k: done[k] for k in ("seed", "frames", "samples", "chunks", "outcome", "batch_size")}})
+                           **{k: getattr(done, k) for k in ("seed", "frames", "samples", "chunks", "outcome",
+                                                            "batch_size")}})
         except ApiError as e:
             call.status = e.status
             if stream_format != "sse":

@@ -14,8 +14,8 @@ It answers the endpoints that `hf download REPO [FILES] --revision REV --local-d
 Repos are folders on disk, subfolders included (`audio_tokenizer/config.json` is a path in the repo).
 Every request is recorded in `hub.requests`, with its User-Agent (`Request.check`: sent by
 download.sh's own source check). Knobs:
-`hub.cut[path] = n` sends the first n bytes of that file and drops the connection,
-then refuses that file outright (so the client's own retries fail too) until the
+`hub.cut[path] = n` sends a transfer of that file that reaches past byte n up to byte n and drops
+the connection (reads that end before it, like a header check, pass), then refuses such transfers outright (so the client's own retries fail too) until the
 knob is cleared, or with `hub.refuse_after_cut = False` serves the retries;
 `hub.gated.add(repo)` answers like a gated repo whose terms were not accepted; `hub.tokens[repo] = "secret"` makes the repo private.
 """
@@ -241,9 +241,11 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {start}-{start + len(body) - 1}/{len(data)}"
             status = 206
         else:
-            body, status = data, 200
-        if name in self.hub.cut:
-            limit = self.hub.cut[name]
+            body, status, start = data, 200, 0
+        limit = self.hub.cut.get(name)
+        # only a transfer reaching past byte n is cut: the header check's short Range read passes, so
+        # the drop hits the download itself and never a pooled connection the checker reuses next
+        if limit is not None and start + len(body) > limit:
             if name in self.hub.cut_served and self.hub.refuse_after_cut:
                 self._drop()  # after the first cut: refuse the file outright
                 return
@@ -252,12 +254,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self.hub.cut_served.add(name)
             self.send_response(status)
-            for k, v in {**headers, "Content-Length": len(body)}.items():
+            for k, v in {**headers, "Content-Length": len(body), "Connection": "close"}.items():
                 self.send_header(k, str(v))
             self.end_headers()
-            self.wfile.write(body[:limit])
+            self.wfile.write(body[:max(limit - start, 0)])
             self.wfile.flush()
-            self.record.sent += min(limit, len(body))
+            self.record.sent += max(limit - start, 0)
             self.record.status = status
             self._drop()
             return

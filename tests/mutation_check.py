@@ -86,6 +86,17 @@ MUTATIONS = [
          new="CHUNK_SEED_STRIDE = 1", tests=["tests/test_longform.py::test_chunk_seeds_never_collide_with_retries"]),
     dict(name="split_inside_quotes", file="inference.py", old="    for start, end in _quoted_spans(text):",
          new="    for start, end in []:", tests=["tests/test_longform.py::test_no_cut_inside_quotes_or_brackets_that_fit"]),
+    dict(name="batch_row_over_its_budget", file="inference.py",
+         old="gen = within_budget(gen, budgets[i])", new="pass",
+         tests=["tests/test_longform.py::test_runaway_rows_of_a_batch_stop_at_their_own_budget_and_are_retried"]),
+    dict(name="batch_without_frame_budget", file="inference.py",
+         old="budgets = [chunk_frame_budget(r.text, params.max_new_tokens, num_cb) for r in requests]",
+         new="budgets = [params.max_new_tokens for r in requests]",
+         tests=["tests/test_longform.py::test_a_text_sounds_the_same_batched_alone_chunked_or_streamed"]),
+    dict(name="no_runaway_guard", file="inference.py",
+         old="guard = runaway_guard(text, stats[:, 0], gen.finished)", new="guard = Guard(len(stats), None)",
+         tests=["tests/test_longform.py::test_runaway_chunk_is_retried_with_the_next_seed",
+                "tests/test_longform.py::test_runaway_rows_of_a_batch_stop_at_their_own_budget_and_are_retried"]),
 ]
 
 

@@ -712,7 +712,7 @@ def test_original_converter_failure_leaves_target_refused(original_hub, tiny_ckp
     app = tmp_path / "app"
     app.mkdir()
     shutil.copy(DOWNLOAD, app / "download.sh")
-    for name in ("inference.py", "hub.py", "checkpoints.py", "quality.py"):  # what download.sh imports
+    for name in ("inference.py", "hub.py", "checkpoints.py"):  # what download.sh imports
         shutil.copy(ROOT / name, app / name)
     (app / "convert_weights.py").write_text(STUB_CONVERTER)
     log = tmp_path / "stub.log"

@@ -70,26 +70,26 @@ def check_status(checks, name_part):
 
 def test_audio_checks_pass_for_speech_and_fail_for_broken_audio():
     good = eval_audio.signal_metrics(speech_like(48000))
-    assert eval_audio.RMS_RANGE[0] < good["rms"] < eval_audio.RMS_RANGE[1]
-    assert {c["status"] for c in eval_audio.audio_checks(good)} == {"PASS"}
+    assert eval_audio.RMS_RANGE[0] < good.rms < eval_audio.RMS_RANGE[1]
+    assert {c.status for c in eval_audio.audio_checks(good)} == {"PASS"}
     for c in eval_audio.audio_checks(good):
-        assert c["threshold"], c  # every check carries its threshold
+        assert c.threshold, c  # every check carries its threshold
 
     silent = eval_audio.signal_metrics(np.zeros(24000 * 3, dtype=np.float32))
-    assert silent["longest_silent_run_s"] == 3.0
-    failed = {c["name"] for c in eval_audio.audio_checks(silent) if c["status"] == "FAIL"}
+    assert silent.longest_silent_run_s == 3.0
+    failed = {c.name for c in eval_audio.audio_checks(silent) if c.status == "FAIL"}
     assert failed == {"RMS in speech range", "peak in speech range", "no long silence"}
 
     broken = speech_like(48000)
     broken[100], broken[200] = np.nan, -np.inf
     m = eval_audio.signal_metrics(broken)
-    assert (m["nan_count"], m["inf_count"]) == (1, 1)
-    assert [c["status"] for c in eval_audio.audio_checks(m) if c["name"] == "finite output"] == ["FAIL"]
+    assert (m.nan_count, m.inf_count) == (1, 1)
+    assert [c.status for c in eval_audio.audio_checks(m) if c.name == "finite output"] == ["FAIL"]
 
     clipped = np.clip(speech_like(48000) * 20, -1, 1)
     m = eval_audio.signal_metrics(clipped)
-    assert m["clipping_ratio"] > eval_audio.MAX_CLIP_RATIO
-    assert [c["status"] for c in eval_audio.audio_checks(m) if c["name"] == "no clipping"] == ["FAIL"]
+    assert m.clipping_ratio > eval_audio.MAX_CLIP_RATIO
+    assert [c.status for c in eval_audio.audio_checks(m) if c.name == "no clipping"] == ["FAIL"]
 
 
 def test_code_metrics_counts_valid_frames_and_entropy(tiny_engine):
@@ -103,9 +103,9 @@ def test_code_metrics_counts_valid_frames_and_entropy(tiny_engine):
         codes[1: k + 1, k] = cfg.audio_stream_bos_id
     codes[-3:] = cfg.audio_stream_eos_id
     m = eval_audio.code_metrics(codes, cfg)
-    assert m["frames"] == t and m["aligned_frames"] == inference.revert_delay_pattern(codes).shape[0]
-    assert 0 < m["valid_frame_share"] < 1
-    assert len(m["code_entropy_bits"]) == c and all(0 < e <= 10 for e in m["code_entropy_bits"])
+    assert m.frames == t and m.aligned_frames == inference.revert_delay_pattern(codes).shape[0]
+    assert 0 < m.valid_frame_share < 1
+    assert len(m.code_entropy_bits) == c and all(0 < e <= 10 for e in m.code_entropy_bits)
 
 
 def test_png_writer_round_trips():

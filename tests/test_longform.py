@@ -390,6 +390,46 @@ def test_runaway_chunk_is_retried_with_the_next_seed(endless):
     assert any("unusable: runaway" in line for line in lines)
 
 
+def test_a_text_sounds_the_same_batched_alone_chunked_or_streamed(tiny_engine):
+    """One retry rule (runaway guard included) for every entry point: synthesize, alone or in a batch
+    with a text of another frame budget, gives speak()'s codes and audio for a text of one chunk."""
+    params = SamplingParams(max_new_tokens=200)  # beyond the text's frame budget: the budget bites
+    text, other = "Hello there, my friend.", "Yes."
+    guarded = 0
+    for seed in range(2, 7):
+        alone, = inference.synthesize(tiny_engine, [inference.SpeechRequest(text, seed)], params, retries=0)
+        batched = inference.synthesize(tiny_engine, [inference.SpeechRequest(other, seed + 100),
+                                                     inference.SpeechRequest(text, seed)], params, retries=0)[1]
+        whole, result, _ = spoken(tiny_engine, text, params=params, seed=seed, retries=0, stream=False)
+        streamed, s_result, _ = spoken(tiny_engine, text, params=params, seed=seed, retries=0, stream=True)
+        a = alone.attempts[0]
+        guarded += a.outcome.startswith("runaway") or a.stats.samples // 960 < a.frames - NUM_CB - 1
+        assert alone.attempts[0].frames <= inference.chunk_frame_budget(text, 200, NUM_CB) < 200
+        for got in (alone, batched):
+            assert got.attempts == result.chunks[0].attempts
+            assert torch.equal(got.best.aligned, result.codes)
+            assert np.array_equal(got.best.audio, whole)
+        assert torch.equal(s_result.codes, result.codes)
+        assert snr_db(streamed, whole) >= SNR_BOUND_DB
+    assert guarded  # the guard acted on at least one of them
+
+
+def test_runaway_rows_of_a_batch_stop_at_their_own_budget_and_are_retried(endless):
+    lines = []
+    texts = ["Hi.", "Go now, please, and stop here, my good old friend."]
+    results = inference.synthesize(endless, [inference.SpeechRequest(t, 1) for t in texts],
+                                   SamplingParams(max_new_tokens=400), retries=1, log=lines.append)
+    for text, result in zip(texts, results):
+        budget = inference.chunk_frame_budget(text, 400, NUM_CB)
+        assert budget < 400
+        assert [a.frames for a in result.attempts] == [budget, budget]
+        assert [a.seed for a in result.attempts] == [1, 2]
+        assert all(a.outcome.startswith("runaway: no EOS") for a in result.attempts)
+        assert not result.usable
+    assert results[0].attempts[0].frames < results[1].attempts[0].frames
+    assert sum("unusable: runaway" in line for line in lines) == 4
+
+
 def test_streamed_attempt_nobody_heard_is_retried(tiny_engine):
     head = tiny_engine.model.audio_lm_head.weight
     saved = head.detach().clone()

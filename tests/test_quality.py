@@ -179,9 +179,9 @@ def test_score_on_known_strings(text, transcript, metric, error, sdi):
 
 def test_score_alignment_marks_what_differs():
     s = quality.score("the cat sat on the mat", "today the bat sat on mat")
-    ops = [(a["op"], a["ref"], a["hyp"]) for a in s.alignment]
+    ops = [(a.op, a.ref, a.hyp) for a in s.alignment]
     assert ("substitute", "cat", "bat") in ops and ("delete", "the", "") in ops and ("insert", "", "today") in ops
-    page = eval_audio.marked_transcript({"lang": "en", "alignment": s.alignment})
+    page = eval_audio.marked_transcript("en", s.alignment)
     assert "<mark title=\"the text says: cat\">bat</mark>" in page and ">the</del>" in page and ">today</mark>" in page
 
 
@@ -268,8 +268,8 @@ def test_a_wrong_transcript_makes_the_attempt_unusable_and_retried(tiny_engine, 
                                      check=check)
     first, second = result.attempts
     assert first.outcome.startswith("ASR check: WER 100% > 20%") and "yellow hair" in first.outcome
-    assert first.asr["transcript"] == "yellow hair" and first.asr["error"] == 1.0
-    assert second.outcome == "ok" and second.asr["error"] == 0.0 and second.seed == 6
+    assert first.asr.transcript == "yellow hair" and first.asr.error == 1.0
+    assert second.outcome == "ok" and second.asr.error == 0.0 and second.seed == 6
     assert result.usable and result.best.generation.seed == 6 and check.transcriber.calls == 2
 
 
@@ -332,6 +332,21 @@ def write_clip(folder: Path, name: str, text: str, audio, ref_audio: str | None 
     inference.write_json_atomic(folder / f"{name}.json", {
         "text": text, "wav": str(folder / f"{name}.wav"), "sample_rate": 24000, "seed_used": 1, "usable": True,
         "finished_by_eos": True, "parameters": {"ref_audio": ref_audio}})
+
+
+@pytest.mark.parametrize("field,value", [("seed_used", "1"), ("seed_used", True), ("usable", 1),
+                                         ("finished_by_eos", "yes"), ("ref_audio", 5)])
+def test_a_sidecar_of_other_types_is_skipped_with_a_warning(tmp_path, capsys, field, value):
+    """--from reads JSON it did not write: a field of another type than inference.py writes skips that file."""
+    write_clip(tmp_path, "good", "Hello there.", speech_like(1.0))
+    write_clip(tmp_path, "bad", "Hello there.", speech_like(1.0))
+    data = json.loads((tmp_path / "bad.json").read_text())
+    (data["parameters"] if field == "ref_audio" else data)[field] = value
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    assert [sc.path.name for sc in eval_audio.sidecars(tmp_path)] == ["good.json"]
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"warning: --from {tmp_path / 'bad.json'}: ") and "file skipped" in err, err
+    assert len(err.splitlines()) == 1
 
 
 @pytest.fixture
@@ -532,16 +547,16 @@ def test_real_speech_from_espeak(tmp_path):
     wav = tmp_path / "fox.wav"
     subprocess.run([ESPEAK, "-v", "en-us", "-w", str(wav), text], check=True, capture_output=True, timeout=60)
     audio, rate = inference.read_audio(wav)
-    right = eval_audio.score_clip({"id": "fox", "text": text}, audio, rate, StubTranscriber(text.lower()), None, None)
-    assert right["error"] == 0.0 and right["metric"] == "WER" and right["reference_units"] == 9
-    assert 1.5 < right["duration_s"] < 6 and right["trailing_silence_s"] < 0.5
-    assert 1.5 < right["speech_rate"] < 6  # words a second
-    dropped = eval_audio.score_clip({"id": "fox", "text": text}, audio, rate,
+    right = eval_audio.score_clip("fox", text, audio, rate, StubTranscriber(text.lower()), None, None)
+    assert right.error == 0.0 and right.metric == "WER" and right.reference_units == 9
+    assert 1.5 < right.duration_s < 6 and right.trailing_silence_s < 0.5
+    assert 1.5 < right.speech_rate < 6  # words a second
+    dropped = eval_audio.score_clip("fox", text, audio, rate,
                                     StubTranscriber("The quick brown fox jumps over the dog."), None, None)
-    assert dropped["error"] == round(1 / 9, 4) and dropped["deletions"] == 1  # quality.json keeps 4 decimals
-    assert ">lazy</del>" in eval_audio.marked_transcript(dropped)
+    assert dropped.error == round(1 / 9, 4) and dropped.deletions == 1  # quality.json keeps 4 decimals
+    assert ">lazy</del>" in eval_audio.marked_transcript(dropped.lang, dropped.alignment)
     check = quality.AsrCheck(StubTranscriber("The quick brown fox jumps over the dog."), max_error=0.1)
     reason, info = check(text, audio, rate)
-    assert reason.startswith("ASR check: WER 11% > 10%") and info["error"] == pytest.approx(1 / 9, abs=1e-4)
+    assert reason.startswith("ASR check: WER 11% > 10%") and info.error == pytest.approx(1 / 9, abs=1e-4)
     tail = np.concatenate([audio, np.zeros(rate * 3, np.float32)])
-    assert quality.trailing_silence_s(tail, rate) == pytest.approx(3.0 + right["trailing_silence_s"], abs=0.05)
+    assert quality.trailing_silence_s(tail, rate) == pytest.approx(3.0 + right.trailing_silence_s, abs=0.05)

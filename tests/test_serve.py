@@ -29,6 +29,7 @@ import pytest
 import soundfile as sf
 from prometheus_client.parser import text_string_to_metric_families
 
+import inference
 import serve
 from conftest import ROOT
 
@@ -600,17 +601,20 @@ def test_an_engine_is_busy_until_its_batch_is_done():
     scheduler.engines = [serve.EngineProc(0, "cpu", None, SimpleNamespace(put=batches.append), None, state="ready")]
 
     def job(name):
-        return serve.Job(name, {"speak": False}, key=("same",), deadline=float("inf"))
+        spec = serve.RequestSpec(inference.SpeechRequest(text=name, seed=0), voice=None,
+                                 params=inference.SamplingParams(), format="wav", speak=False, stream=False)
+        return serve.Job(name, spec, key=("same",), deadline=float("inf"))
 
     async def run():
         first, second = job("first"), job("second")
         scheduler.submit(first)
         scheduler._on_message((0, "audio", "first", np.zeros(960, dtype=np.float32)))
-        scheduler._on_message((0, "done", "first", {"frames": 10}))
+        scheduler._on_message((0, "done", "first", serve.Done(frames=10, samples=960, seed=0, outcome="ok", attempts=1,
+                                                              chunks=1, prompt_tokens=5, batch_size=1)))
         scheduler.submit(second)
-        assert [[j["id"] for j in b] for b in batches] == [["first"]]  # the engine has not said it is free
-        scheduler._on_message((0, "batch_done", {"frames": 10, "decode_steps": 9, "decode_s": 0.1, "seconds": 0.2}))
-        assert [[j["id"] for j in b] for b in batches] == [["first"], ["second"]]
+        assert [[j.id for j in b] for b in batches] == [["first"]]  # the engine has not said it is free
+        scheduler._on_message((0, "batch_done", serve.BatchStats(frames=10, decode_steps=9, decode_s=0.1, seconds=0.2)))
+        assert [[j.id for j in b] for b in batches] == [["first"], ["second"]]
         assert [first.events.get_nowait()[0] for _ in range(2)] == ["audio", "done"]
         assert second.events.empty()  # no "batch ended without this row" for a row of the next batch
 
