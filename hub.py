@@ -174,41 +174,100 @@ def repo_listing(api, repo: str, rev: str) -> tuple[str, dict[str, int]]:
     return info.sha, files
 
 
+def file_get(api, src: Source, commit: str, name: str, byte_range: str | None = None):
+    """A streamed GET of one file of the source (a context manager): the answer is read only as far as wanted."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    url = hf_hub_url(src.repo, name, subfolder=src.subfolder or None, revision=commit, endpoint=api.endpoint)
+    headers = build_hf_headers(token=api.token, library_name=USER_AGENT.split("/")[0],
+                               library_version=USER_AGENT.split("/")[1])
+    if byte_range:
+        headers["Range"] = byte_range
+    return get_session().stream("GET", url, headers=headers, timeout=timeout())
+
+
+def serves_ranges(api, src: Source, commit: str, name: str) -> bool:
+    """Whether the endpoint answers a Range read with part of the file (206). huggingface_hub reads a header
+    read's answer whole, so on a mirror that ignores Range it would pull whole shards."""
+    from huggingface_hub.utils import hf_raise_for_status
+
+    with file_get(api, src, commit, name, "bytes=0-7") as response:
+        hf_raise_for_status(response)
+        return response.status_code == 206  # closed unread otherwise
+
+
+def streamed_header(api, src: Source, commit: str, name: str) -> dict[str, list[int]]:
+    """{tensor: shape} from the start of a plain GET, closed once the header is in: a header check on a
+    mirror that ignores Range, without downloading the shard."""
+    import checkpoints
+    from huggingface_hub.utils import hf_raise_for_status
+
+    raw, need = b"", None
+    with file_get(api, src, commit, name) as response:
+        hf_raise_for_status(response)
+        for piece in response.iter_bytes():
+            raw += piece
+            if need is None and len(raw) >= 8:
+                need = 8 + int.from_bytes(raw[:8], "little")
+                if need - 8 > checkpoints.MAX_HEADER_BYTES:
+                    raise checkpoints.UserError(f"{src.label}: {name} is not a safetensors file (header length "
+                                                f"{need - 8} bytes is over the format's 100 MB limit)")
+            if need is not None and len(raw) >= need:
+                break
+    if need is None or len(raw) < need:
+        raise checkpoints.UserError(f"{src.label}: {name} ends before its safetensors header does")
+    header = checkpoints.parse_header(raw[8:need], f"{src.label}: {name}")
+    return {tensor: list(entry["shape"]) for tensor, entry in header.items()}
+
+
+def weight_files(api, src: Source, commit: str, files: dict[str, int]) -> list[str]:
+    """The safetensors files the source's weights are in: model.safetensors, or the index's shards."""
+    from huggingface_hub import errors
+
+    if "model.safetensors" in files:
+        return ["model.safetensors"]
+    if "model.safetensors.index.json" in files:
+        path = api.hf_hub_download(src.repo, "model.safetensors.index.json", subfolder=src.subfolder or None,
+                                   revision=commit)
+        weight_map = json.loads(Path(path).read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise json.JSONDecodeError("no weight_map object", "", 0)
+        return sorted(set(map(str, weight_map.values())))
+    raise errors.NotASafetensorsRepoError("no model.safetensors")
+
+
 def remote_tensors(api, src: Source, commit: str, files: dict[str, int]) -> tuple[dict[str, list[int]], int, str]:
-    """({name: shape}, number of headers read, what was read) from the remote safetensors headers
-    (HTTP Range reads of each file's first bytes; nothing else is downloaded)."""
+    """({name: shape}, number of headers read, what was read) from the remote safetensors headers: HTTP Range
+    reads of each file's first bytes, or on a mirror that ignores Range, the start of each file, the
+    connection closed after its header. Nothing else is downloaded."""
     from huggingface_hub import errors
 
     try:
-        if not src.subfolder:
-            meta = api.get_safetensors_metadata(src.repo, revision=commit)
-            per_file = meta.files_metadata
+        names = weight_files(api, src, commit, files)
+        if serves_ranges(api, src, commit, names[0]):
+            prefix = f"{src.subfolder}/" if src.subfolder else ""
+            per_file = {n: {t: list(i.shape) for t, i in api.parse_safetensors_file_metadata(
+                src.repo, prefix + n, revision=commit, timeout=timeout()).tensors.items()} for n in names}
         else:
-            if "model.safetensors" in files:
-                names = ["model.safetensors"]
-            elif "model.safetensors.index.json" in files:
-                path = api.hf_hub_download(src.repo, "model.safetensors.index.json", subfolder=src.subfolder,
-                                           revision=commit)
-                names = sorted(set(json.loads(Path(path).read_text()).get("weight_map", {}).values()))
-            else:
-                raise errors.NotASafetensorsRepoError("no model.safetensors")
-            per_file = {n: api.parse_safetensors_file_metadata(src.repo, f"{src.subfolder}/{n}", revision=commit,
-                                                               timeout=timeout()) for n in names}
+            print(f"  note: {api.endpoint} ignores HTTP Range requests: each header is read from the start of "
+                  "its file, the connection closed after it", flush=True)
+            per_file = {n: streamed_header(api, src, commit, n) for n in names}
     except errors.NotASafetensorsRepoError:
         hint = (" (Boson's original layout: that is the 'original' source)" if "model.pth" in files
                 or any(n.endswith(".pth") for n in files) else "")
         raise HubError(EXIT_WRONG, f"{src.label} has no model.safetensors(.index.json){hint}") from None
     except errors.SafetensorsParsingError as e:
         raise HubError(EXIT_WRONG, f"{src.label}: a safetensors header cannot be read ({first_line(e)})") from None
-    except json.JSONDecodeError as e:  # a subfolder's index
+    except json.JSONDecodeError as e:  # the index
         raise HubError(EXIT_WRONG, f"{src.label}: model.safetensors.index.json cannot be read ({first_line(e)})") \
             from None
     found: dict[str, list[int]] = {}
-    for name, fm in sorted(per_file.items()):
-        for tensor, info in fm.tensors.items():
+    for name, tensors in sorted(per_file.items()):
+        for tensor, shape in tensors.items():
             if tensor in found:
                 raise HubError(EXIT_WRONG, f"{src.label}: tensor {tensor} is stored in two files")
-            found[tensor] = list(info.shape)
+            found[tensor] = shape
     what = "model.safetensors" if list(per_file) == ["model.safetensors"] else f"the {len(per_file)} shards"
     return found, len(per_file), what
 

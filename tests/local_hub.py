@@ -17,6 +17,7 @@ download.sh's own source check). Knobs:
 `hub.cut[path] = n` sends a transfer of that file that reaches past byte n up to byte n and drops
 the connection (reads that end before it, like a header check, pass), then refuses such transfers outright (so the client's own retries fail too) until the
 knob is cleared, or with `hub.refuse_after_cut = False` serves the retries;
+`hub.ignore_range = True` answers Range reads with the whole file;
 `hub.gated.add(repo)` answers like a gated repo whose terms were not accepted; `hub.tokens[repo] = "secret"` makes the repo private.
 """
 
@@ -75,6 +76,7 @@ class LocalHub:
     cut: dict[str, int] = field(default_factory=dict)
     cut_served: set[str] = field(default_factory=set)
     refuse_after_cut: bool = True
+    ignore_range: bool = False  # answer a Range read with the whole file (200), as some mirrors do
     requests: list[Request] = field(default_factory=list)
 
     def add_repo(self, repo_id: str, folder: str | Path, revisions=("main",), commit: str | None = None) -> Repo:
@@ -132,10 +134,15 @@ class _Handler(BaseHTTPRequestHandler):
         if "Content-Length" not in (headers or {}):
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if not head and body:
-            self.wfile.write(body)
-            self.record.sent += len(body)
         self.record.status = status
+        step = 1 << 20  # in pieces, so `sent` says how far a client that closes early let it get
+        for start in range(0, 0 if head else len(body), step):
+            try:
+                self.wfile.write(body[start:start + step])
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+                return
+            self.record.sent += len(body[start:start + step])
 
     def _json(self, status: int, data, headers: dict | None = None) -> None:
         self._reply(status, json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})})
@@ -223,7 +230,7 @@ class _Handler(BaseHTTPRequestHandler):
         if head:
             self._reply(200, b"", {**headers, "Content-Length": len(data)}, head=True)
             return
-        rng = self.headers.get("Range")
+        rng = None if self.hub.ignore_range else self.headers.get("Range")
         if rng:
             m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng.strip())
             if m is None or m.group(1) == m.group(2) == "":

@@ -574,6 +574,46 @@ def test_tokenizer_repo_holding_the_lm_is_skipped_for_the_next_source(repos, tmp
     assert_checks_read_headers_only(hub)
 
 
+def test_a_mirror_that_ignores_range_still_gets_the_header_check(repos, tmp_path):
+    """(a) again on a mirror that answers Range reads with the whole file: the wrong first source is still
+    skipped before anything is downloaded (headers read from the start of each file, then closed)."""
+    hub = serve(**{TOKENIZER_REPO: repos["lm_copy"], EUSTLB_TOKENIZER: repos["codec"]})
+    hub.ignore_range = True
+    try:
+        proc = run_download(tmp_path, hub.url, "--only", "tokenizer")
+    finally:
+        hub.stop()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"note: {hub.url} ignores HTTP Range requests" in proc.stdout
+    skipped = next(line for line in proc.stdout.splitlines() if line.startswith(f"  tokenizer: {TOKENIZER_REPO}@main: "))
+    assert "skipped: " in skipped and "generation model" in skipped, skipped
+    assert_same_files(repos["codec"], tmp_path / "tokenizer_cache")
+    assert not [r for r in downloads(hub) if TOKENIZER_REPO in r.path]  # the LM copy: headers only
+    assert not [r for r in hub.requests if r.range == "bytes=0-100000"]  # huggingface_hub's whole-answer read
+
+
+def test_streamed_header_read_stops_after_the_header(tmp_path):
+    """On a Range-ignoring mirror a 64 MB shard's header check takes its header, not the shard."""
+    from huggingface_hub import HfApi
+
+    big = tmp_path / "big"
+    big.mkdir()
+    header = json.dumps({"w": {"dtype": "U8", "shape": [64 << 20], "data_offsets": [0, 64 << 20]}}).encode()
+    (big / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(64 << 20))
+    hub = serve(**{"someone/big": big})
+    hub.ignore_range = True
+    try:
+        src = hubpy.Source("someone/big")
+        commit = hub.repos["someone/big"]["main"].commit
+        api = HfApi(endpoint=hub.url)
+        assert not hubpy.serves_ranges(api, src, commit, "model.safetensors")
+        assert hubpy.streamed_header(api, src, commit, "model.safetensors") == {"w": [64 << 20]}
+    finally:
+        hub.stop()
+    sent = [r.sent for r in hub.requests if r.path.endswith("model.safetensors")]
+    assert len(sent) == 2 and max(sent) < 32 << 20, sent  # closed long before the end
+
+
 def test_explicit_source_that_fails_the_check_is_an_error(repos, tmp_path):
     hub = serve(**{TOKENIZER_REPO: repos["lm_copy"], EUSTLB_TOKENIZER: repos["codec"]})
     try:
