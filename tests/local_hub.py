@@ -116,6 +116,11 @@ class LocalHub:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        try:  # in-process clients (hub.py's functions called by a test) pool connections to us: drop them
+            from huggingface_hub.utils import close_session
+        except ImportError:
+            return
+        close_session()
 
 
 class _Handler(BaseHTTPRequestHandler):
