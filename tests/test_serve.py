@@ -119,7 +119,8 @@ class Server:
                 if "listening on http://" in line:
                     urls.put(line.split("listening on ")[1].split()[0])
 
-        threading.Thread(target=read, daemon=True).start()
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
         self.url = urls.get(timeout=60)
         self.key = key
         self.http = self.client()
@@ -173,6 +174,9 @@ class Server:
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
+            self.http.close()
+            self.reader.join(timeout=10)  # it ends at the pipe's EOF
+            self.proc.stderr.close()
             (self.root / "server.log").write_text("".join(self.lines))  # kept by pytest, for a failure's story
 
 
@@ -276,12 +280,12 @@ def test_health_is_open_everything_else_needs_the_key(server):
     health = httpx.get(server.url + "/health")
     assert health.status_code == 200
     assert [e["engine"] for e in health.json()["engines"]] == ["cpu#0", "cpu#1"]  # --device cpu,cpu: two engines
-    bare = httpx.Client(base_url=server.url, timeout=30)
-    for method, path in (("GET", "/v1/models"), ("GET", "/v1/audio/voices"), ("GET", "/metrics"),
-                         ("POST", "/v1/audio/speech")):
-        error_of(bare.request(method, path, json={"input": "Hi."}), 401, code="invalid_api_key")
-        wrong = bare.request(method, path, json={"input": "Hi."}, headers={"Authorization": "Bearer nope"})
-        error_of(wrong, 401, code="invalid_api_key")
+    with httpx.Client(base_url=server.url, timeout=30) as bare:
+        for method, path in (("GET", "/v1/models"), ("GET", "/v1/audio/voices"), ("GET", "/metrics"),
+                             ("POST", "/v1/audio/speech")):
+            error_of(bare.request(method, path, json={"input": "Hi."}), 401, code="invalid_api_key")
+            wrong = bare.request(method, path, json={"input": "Hi."}, headers={"Authorization": "Bearer nope"})
+            error_of(wrong, 401, code="invalid_api_key")
     assert server.get("/v1/models").status_code == 200
 
 
@@ -644,6 +648,7 @@ def broken_voices(tmp_path, name, data=None):
     ("port", "cannot listen"),
 ])
 def test_startup_mistakes_are_one_line(tiny_ckpt, tmp_path, capsys, flags, expected):
+    taken = None
     if flags == "port":
         taken = socket.create_server(("127.0.0.1", 0))
         flags = ["--port", str(taken.getsockname()[1])]
@@ -652,7 +657,12 @@ def test_startup_mistakes_are_one_line(tiny_ckpt, tmp_path, capsys, flags, expec
     elif isinstance(flags, tuple):
         flags = ["--voices_dir", broken_voices(tmp_path, *flags)]
     model_dir, tok_dir = tiny_ckpt
-    code = serve.main(["--model_path", str(model_dir), "--tokenizer_path", str(tok_dir), "--device", "cpu", *flags])
+    try:
+        code = serve.main(["--model_path", str(model_dir), "--tokenizer_path", str(tok_dir), "--device", "cpu",
+                           *flags])
+    finally:
+        if taken is not None:
+            taken.close()
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
 
