@@ -121,13 +121,21 @@ class Server:
 
         self.reader = threading.Thread(target=read, daemon=True)
         self.reader.start()
-        self.url = urls.get(timeout=60)
         self.key = key
-        self.http = self.client()
-        # asked at once: the engines take seconds to load (the health test looks at these)
-        self.early = (self.get("/health"), self.speech(input="Too early."))
-        wait_until(lambda: self.get("/health").status_code == 200 or self.proc.poll() is not None, 180)
-        assert self.proc.poll() is None, "".join(self.lines)
+        try:
+            self.url = urls.get(timeout=60)
+            self.http = self.client()
+            # asked at once: the engines take seconds to load (the health test looks at these)
+            self.early = (self.get("/health"), self.speech(input="Too early."))
+            wait_until(lambda: self.get("/health").status_code == 200 or self.proc.poll() is not None, 180)
+            assert self.proc.poll() is None, "".join(self.lines)
+        except BaseException:  # a server that failed to come up must not outlive the test (nor its engines)
+            self.proc.send_signal(2)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            raise
 
     def client(self, **kw):
         return httpx.Client(base_url=self.url, timeout=60, headers=AUTH if self.key else {}, **kw)
