@@ -35,6 +35,7 @@ STAGING = Path(".cache") / "higgs-download"
 CHECKED = STAGING / "checked.json"
 STAGE = STAGING / "stage"
 USER_AGENT = "higgs-download/check"  # marks this script's own hub queries (the tests tell them from hf's)
+LIBRARY = dict(zip(("library_name", "library_version"), USER_AGENT.split("/")))  # how huggingface_hub takes it
 OFFICIAL_OWNER = "bosonai"
 LABELS = {"model": "generation model", "tokenizer": "audio tokenizer",
           "whisper": "Whisper speech recognition model", "wavlm-sv": "WavLM speaker-verification model"}
@@ -109,7 +110,7 @@ class Source:
 def hub_api():
     from huggingface_hub import HfApi
 
-    return HfApi(library_name=USER_AGENT.split("/")[0], library_version=USER_AGENT.split("/")[1])
+    return HfApi(**LIBRARY)
 
 
 def timeout() -> float:
@@ -180,8 +181,7 @@ def file_get(api, src: Source, commit: str, name: str, byte_range: str | None = 
     from huggingface_hub.utils import build_hf_headers, get_session
 
     url = hf_hub_url(src.repo, name, subfolder=src.subfolder or None, revision=commit, endpoint=api.endpoint)
-    headers = build_hf_headers(token=api.token, library_name=USER_AGENT.split("/")[0],
-                               library_version=USER_AGENT.split("/")[1])
+    headers = build_hf_headers(token=api.token, **LIBRARY)
     if byte_range:
         headers["Range"] = byte_range
     return get_session().stream("GET", url, headers=headers, timeout=timeout())

@@ -395,6 +395,11 @@ class Timings:
     wall_s: float = 0.0  # a chunk's whole time, its retries included (speak)
 
 
+def rounded(timings: Timings, digits: int = 4) -> Timings:
+    """Its seconds rounded as the JSON sidecar shows them."""
+    return replace(timings, **{k: round(v, digits) for k, v in asdict(timings).items() if isinstance(v, float)})
+
+
 def chat_messages(text: str, scene: str | None, ref_text: str | None = None, with_ref: bool = False,
                   history=()) -> list[dict]:
     """Boson's layout: system (+ scene), then one user/assistant pair per earlier audio (the reference voice,
@@ -1889,10 +1894,10 @@ def _speak(engine, chunks: list[str], params: SamplingParams, seed: int, retries
             timing = replace(timings, audio_decode_s=time.perf_counter() - t_dec)
             attempts.append(Attempt(seed=attempt_seed, frames=int(gen.codes.shape[0]), finished=gen.finished,
                                     outcome=reason or "ok", stats=verdict.stats, asr=verdict.asr))
-            candidate = (reason is None, verdict.keep, aligned[:verdict.keep], gen, verdict, reason, timing,
-                         attempt_seed)
+            candidate = (verdict, aligned[:verdict.keep], gen, timing, attempt_seed)
             # --stream keeps the attempt the decoder holds (the last); otherwise the best: usable, then longest
-            if best is None or decoder is not None or candidate[:2] > best[:2]:
+            if best is None or decoder is not None or \
+                    (reason is None, verdict.keep) > (best[0].reason is None, best[0].keep):
                 best = candidate
             if verdict.note:
                 log(f"{label}attempt {a + 1} (seed {attempt_seed}): runaway guard: {verdict.note}")
@@ -1906,17 +1911,16 @@ def _speak(engine, chunks: list[str], params: SamplingParams, seed: int, retries
                     log(f"{label}kept: its audio is out already (--stream cannot take it back)")
                     break
                 decoder.truncate(start)
-        ok, keep, codes, gen, verdict, reason, timing, used_seed = best
+        verdict, codes, gen, timing, used_seed = best
+        keep = verdict.keep
         if decoder is not None:
             decoder.truncate(start + keep)
         kept_codes.append(codes)
         done.append(ChunkResult(
             index=k, text=text, seed=used_seed, start_frame=start, frames=keep,
-            generated_frames=int(gen.codes.shape[0]), finished=gen.finished, usable=ok, outcome=reason or "ok",
-            guard=verdict.note, prompt_tokens=int(len(prompt.input_ids)), attempts=attempts,
-            timings=replace(timing, **{k_: round(v, 4) for k_, v in asdict(timing).items()
-                                       if isinstance(v, float) and k_ != "wall_s"},
-                            wall_s=round(time.perf_counter() - t_chunk, 4))))
+            generated_frames=int(gen.codes.shape[0]), finished=gen.finished, usable=verdict.reason is None,
+            outcome=verdict.reason or "ok", guard=verdict.note, prompt_tokens=int(len(prompt.input_ids)),
+            attempts=attempts, timings=rounded(replace(timing, wall_s=time.perf_counter() - t_chunk))))
     codes = torch.cat(kept_codes) if kept_codes else torch.zeros((0, num_cb), dtype=torch.long)
     if decoder is not None:
         tail = decoder.pull(final=True)
@@ -1950,6 +1954,16 @@ class SpeechStream:
         self._pieces.close()
 
 
+def check_long_text_options(chunk_words: float, context_chunks: int, stream: bool, asr_check: bool) -> None:
+    """speak()'s options, checked the same way for the Python API and (before the engine loads) the CLI."""
+    if chunk_words < 0:
+        raise UserError(f"--chunk_words must be >= 0 (0 = one chunk, however long), got {chunk_words}")
+    if context_chunks < 0:
+        raise UserError(f"--context_chunks must be >= 0, got {context_chunks}")
+    if stream and asr_check:
+        raise UserError("--asr_check cannot retry a chunk that --stream has already played: drop one of them")
+
+
 def speak(engine: Engine, text: str, params: SamplingParams | None = None, *, seed: int = 1, retries: int = 3,
           scene: str | None = DEFAULT_SCENE, ref_audio=None, ref_codes=None, ref_text: str | None = None,
           chunk_words: float = CHUNK_WORDS, context_chunks: int = CONTEXT_CHUNKS, stream: bool = True,
@@ -1971,12 +1985,7 @@ def speak(engine: Engine, text: str, params: SamplingParams | None = None, *, se
     log = log or (lambda msg: None)
     if not text or not text.strip():
         raise UserError("the text is empty: give the text to speak")
-    if chunk_words < 0:
-        raise UserError(f"--chunk_words must be >= 0 (0 = one chunk, however long), got {chunk_words}")
-    if context_chunks < 0:
-        raise UserError(f"--context_chunks must be >= 0, got {context_chunks}")
-    if stream and check is not None:
-        raise UserError("--asr_check cannot retry a chunk that --stream has already played: drop one of them")
+    check_long_text_options(chunk_words, context_chunks, stream, check is not None)
     if params.max_new_tokens < MIN_FRAMES:
         raise UserError(f"--max_new_tokens {params.max_new_tokens}: at least {MIN_FRAMES} frames are needed")
     chunks = split_text(text, chunk_words)
@@ -2310,12 +2319,7 @@ def validate_args(args) -> None:
         raise UserError(f"--max_new_tokens {args.max_new_tokens}: at least {MIN_FRAMES} frames are needed for "
                         "any audio (the first 9 carry the delay pattern); 25 frames = 1 s")
     check_seed(args.seed, args.retries)
-    if args.chunk_words < 0:
-        raise UserError(f"--chunk_words must be >= 0 (0 = one chunk, however long), got {args.chunk_words}")
-    if args.context_chunks < 0:
-        raise UserError(f"--context_chunks must be >= 0, got {args.context_chunks}")
-    if args.stream and args.asr_check is not None:
-        raise UserError("--asr_check cannot retry a chunk that --stream has already played: drop one of them")
+    check_long_text_options(args.chunk_words, args.context_chunks, args.stream, args.asr_check is not None)
     if not 0 <= args.asr_max_error < math.inf:
         raise UserError(f"--asr_max_error must be >= 0 (0.2 = 20 % of the words may differ), got {args.asr_max_error}")
 

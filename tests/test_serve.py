@@ -130,11 +130,7 @@ class Server:
             wait_until(lambda: self.get("/health").status_code == 200 or self.proc.poll() is not None, 180)
             assert self.proc.poll() is None, "".join(self.lines)
         except BaseException:  # a server that failed to come up must not outlive the test (nor its engines)
-            self.proc.send_signal(2)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+            self.stop()
             raise
 
     def client(self, **kw):
@@ -182,7 +178,8 @@ class Server:
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
-            self.http.close()
+            if hasattr(self, "http"):  # not when stopped before it came up
+                self.http.close()
             self.reader.join(timeout=10)  # it ends at the pipe's EOF
             self.proc.stderr.close()
             (self.root / "server.log").write_text("".join(self.lines))  # kept by pytest, for a failure's story
